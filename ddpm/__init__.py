@@ -1,0 +1,1 @@
+"""Denoising diffusion probabilistic models (Ho, Jain, Abbeel 2020) in JAX/Flax."""
