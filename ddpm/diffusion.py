@@ -328,20 +328,19 @@ def p_sample(
     denoise_fn: DenoiseFn,
     x_t: jax.Array,
     t: jax.Array,
-    rng: jax.Array,
+    noise: jax.Array,
     *,
     clip_denoised: bool = True,
 ):
-    """One reverse step, Algorithm 2: returns (x_{t-1}, predicted x_0). No noise at t=0."""
+    """One reverse step, Algorithm 2: returns (x_{t-1}, predicted x_0).
+
+    `noise` ~ N(0, I) has the shape of x_t (the caller draws it, so that it can be
+    per example); none is added at t=0.
+    """
     out = p_mean_variance(
         d, model_output(d, denoise_fn, x_t, t), x_t, t, clip_denoised=clip_denoised
     )
-    noise = jax.random.normal(rng, x_t.shape, x_t.dtype)
-    nonzero = (
-        (jnp.asarray(t) != 0)
-        .astype(x_t.dtype)
-        .reshape(jnp.shape(t) + (1,) * (x_t.ndim - jnp.ndim(t)))
-    )
+    nonzero = _extract(jnp.arange(d.num_timesteps) > 0, t, x_t)
     return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
 
 

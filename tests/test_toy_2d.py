@@ -77,7 +77,9 @@ def test_mlp_learns_the_mixture_and_bounds_its_likelihood():
     denoise_fn = lambda x, t: model.apply(params, x, t)  # noqa: E731
     n = 2000
     samples = np.asarray(
-        jax.jit(lambda r: ddpm_sample(d, denoise_fn, (n, 2), r))(jax.random.key(7))
+        jax.jit(lambda r: ddpm_sample(d, denoise_fn, jax.random.split(r, n), (2,)))(
+            jax.random.key(7)
+        )
     )
     assert np.all(np.isfinite(samples))
     dist = np.linalg.norm(samples[:, None, :] - CENTRES[None], axis=-1)
