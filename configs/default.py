@@ -1,0 +1,82 @@
+"""Defaults shared by every experiment: the paper's CIFAR-10 setting (Ho et al. 2020, App. B).
+
+Experiment configs import this and override only what differs. Every field can be
+changed on the command line: --config.training.batch_size=64.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # One key for everything; folded with step, device and purpose.
+    # A checkpoint directory (e.g. written by --mode=convert) whose EMA weights initialise a
+    # run when the workdir has no checkpoint of its own. Empty: start from scratch.
+    config.init_from = ""
+    # Call jax.distributed.initialize() before anything else (multi-host pods and clusters).
+    config.distributed = False
+
+    data = config.data = ml_collections.ConfigDict()
+    data.source = "tfds"  # 'tfds' (a tfds dataset by name) or 'folder' (a folder of images).
+    data.dataset = "cifar10"  # tfds name, for source 'tfds'.
+    data.data_dir = ""  # tfds data_dir; empty: tfds's default (~/tensorflow_datasets).
+    data.path = ""  # The image folder, for source 'folder' (png/jpg, searched recursively).
+    data.train_split = "train"
+    data.image_size = 32  # Square side in pixels; images are resized and centre-cropped.
+    data.num_channels = 3  # 3 for RGB, 1 for grayscale.
+    data.random_flip = True  # Random horizontal flips in training.
+
+    model = config.model = ml_collections.ConfigDict()
+    model.ch = 128  # Base channel count.
+    model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+    model.num_res_blocks = 2  # Res blocks per level (the up path has one more).
+    model.attn_resolutions = (16,)  # Feature-map sizes that get self-attention.
+    model.dropout = 0.1
+    model.resamp_with_conv = True  # Convolutions in down/upsampling (else pooling / plain).
+    model.num_classes = 0  # > 0: class-conditional on the dataset's labels; 0: unconditional.
+    model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+
+    diffusion = config.diffusion = ml_collections.ConfigDict()
+    diffusion.schedule = "linear"  # See ddpm.schedules.SCHEDULES.
+    diffusion.num_timesteps = 1000  # T.
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.mean_type = "eps"  # What the network predicts: eps / xstart / xprev / v.
+    # fixedlarge (sigma^2 = beta) / fixedsmall (beta-tilde) / learned / learned_range.
+    diffusion.var_type = "fixedlarge"
+    diffusion.loss_type = "mse"  # mse (L_simple) / kl (the true bound) / hybrid.
+
+    training = config.training = ml_collections.ConfigDict()
+    training.batch_size = 128  # Global batch, split evenly over all devices of all hosts.
+    training.num_train_steps = 800_000
+    training.ema_decay = 0.9999
+    training.log_every = 100  # Console line and TensorBoard scalars.
+    training.checkpoint_every = 10_000
+    training.keep_checkpoints = 3  # The newest K periodic checkpoints are kept.
+    training.sample_every = 20_000  # A grid of EMA samples to TensorBoard and a PNG.
+    training.num_grid_samples = 64
+
+    optim = config.optim = ml_collections.ConfigDict()
+    optim.learning_rate = 2e-4  # Adam, after a linear warm-up from 0.
+    optim.warmup_steps = 5000
+    optim.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+
+    sampling = config.sampling = ml_collections.ConfigDict()
+    sampling.method = "ddpm"  # 'ddpm' (ancestral) or 'ddim'.
+    sampling.num_steps = 1000  # Reverse steps; fewer than T respaces the chain.
+    sampling.eta = 0.0  # DDIM noise scale: 0 deterministic, 1 ancestral-like.
+    sampling.clip_denoised = True  # Clip predicted x_0 to [-1, 1] at every step.
+    sampling.num_samples = 64  # --mode=sample writes this many.
+    sampling.batch_size = 256  # Global samples per compiled chain.
+
+    evaluation = config.eval = ml_collections.ConfigDict()
+    evaluation.num_samples = 50_000  # FID/IS samples (the paper: 50k against the train set).
+    evaluation.split = "train"  # The reference split for FID statistics.
+    evaluation.bpd_split = "test"  # The split for bits/dim.
+    evaluation.bpd_num_examples = 0  # 0: the whole split.
+    evaluation.batch_size = 256
+    evaluation.inception_weights = ""  # Path or URL of the FID Inception; empty: default.
+    return config

@@ -1,0 +1,289 @@
+"""The U-Net of DDPM (Ho, Jain, Abbeel 2020, Appendix B), as in the official TF code.
+
+A PixelCNN++-style U-Net: `num_res_blocks` residual blocks per resolution level on the
+way down, `num_res_blocks + 1` on the way up (each consuming one skip connection),
+single-head self-attention after every residual block whose feature map has a
+resolution in `attn_resolutions`, and a (res, attn, res) middle. Every residual block
+adds a projection of the sinusoidal timestep embedding.
+
+Parameter names follow the official code, flattened: `conv_in`, `temb_dense_0/1`,
+`down_{level}_block_{i}`, `down_{level}_attn_{i}`, `down_{level}_downsample`,
+`mid_block_0`, `mid_attn`, `mid_block_1`, `up_{level}_block_{i}`, `up_{level}_attn_{i}`,
+`up_{level}_upsample`, `norm_out`, `conv_out` (and `class_embed` when class-conditional).
+`level` counts resolution levels from the full-size one (0) downwards, on both paths.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# The official code initialises with variance_scaling(1, 'fan_avg', 'uniform') and zero
+# biases; layers whose output is added to a residual start at zero (see `zeros`).
+default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+zeros = nn.initializers.zeros
+
+NUM_GROUPS = 32
+NORM_EPS = 1e-6
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """Sinusoidal embedding of timesteps, as in the official DDPM code.
+
+    Args:
+      t: [B] timesteps (integers, or floats for respaced/continuous times).
+      dim: embedding size (even, >= 4).
+
+    Returns:
+      [B, dim] float32: [sin(t * f_i), cos(t * f_i)] with
+      f_i = exp(-ln(10000) * i / (dim/2 - 1)), i = 0 .. dim/2 - 1.
+    """
+    if dim % 2 != 0 or dim < 4:
+        raise ValueError(f"timestep embedding size must be even and >= 4, got {dim}")
+    half_dim = dim // 2
+    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000.0) / (half_dim - 1)))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+
+
+def _norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+    # Flax computes the group statistics in float32 even when dtype is bf16.
+    return nn.GroupNorm(
+        num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
+def _conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="SAME", init=None):
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(strides, strides),
+        padding=padding,
+        kernel_init=init or default_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class ResnetBlock(nn.Module):
+    """norm, swish, conv3x3, + Dense(swish(temb)), norm, swish, dropout, conv3x3, + skip.
+
+    x: [B, H, W, C_in], temb: [B, 4ch] -> [B, H, W, out_ch].
+    """
+
+    out_ch: int
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        dt, pdt = self.dtype, self.param_dtype
+        h = nn.swish(_norm("norm_0", dt, pdt)(x))
+        h = _conv(self.out_ch, "conv_0", dt, pdt)(h)
+        temb_proj = nn.Dense(
+            self.out_ch, kernel_init=default_init, dtype=dt, param_dtype=pdt, name="temb_proj"
+        )
+        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(_norm("norm_1", dt, pdt)(h))
+        if self.dropout > 0.0:
+            h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        # Zero init: every block starts as the identity, which keeps the deep net trainable.
+        h = _conv(self.out_ch, "conv_1", dt, pdt, init=zeros)(h)
+        if x.shape[-1] != self.out_ch:
+            x = _conv(self.out_ch, "shortcut", dt, pdt, kernel=1)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a residual connection.
+
+    x: [B, H, W, C] -> [B, H, W, C]. q, k, v and the output projection are 1x1 convs
+    (Dense layers on the channel axis); logits are q.k / sqrt(C).
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        dt, pdt = self.dtype, self.param_dtype
+        h = _norm("norm", dt, pdt)(x).reshape(batch, height * width, channels)
+
+        def dense(name, init=default_init):
+            return nn.Dense(channels, kernel_init=init, dtype=dt, param_dtype=pdt, name=name)
+
+        q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
+        # Logits and softmax in float32: under bf16 compute the row sums over up to
+        # 256 positions (16x16) would otherwise lose most of their precision.
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (channels**-0.5), axis=-1)
+        h = jnp.einsum("bij,bjc->bic", weights.astype(v.dtype), v)
+        h = dense("proj_out", init=zeros)(h)
+        return x + h.reshape(batch, height, width, channels)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: conv3x3 with stride 2, or 2x2 average pooling. [B,H,W,C] -> [B,H/2,W/2,C]."""
+
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.with_conv:
+            return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        # TF 'SAME' for a 3x3 stride-2 conv on an even size pads one pixel after only;
+        # symmetric padding would shift the sampling grid and break released weights.
+        padding = ((0, 1), (0, 1))
+        return _conv(x.shape[-1], "conv", self.dtype, self.param_dtype, strides=2, padding=padding)(
+            x
+        )
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then conv3x3. [B,H,W,C] -> [B,2H,2W,C]."""
+
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.with_conv:
+            x = _conv(x.shape[-1], "conv", self.dtype, self.param_dtype)(x)
+        return x
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net.
+
+    Attributes:
+      ch: base channel count; the timestep embedding has 4 * ch channels.
+      ch_mult: channel multiplier per resolution level; len(ch_mult) - 1 halvings.
+      num_res_blocks: residual blocks per level on the way down (one more on the way up).
+      attn_resolutions: feature-map heights at which attention follows every res block.
+      dropout: dropout rate inside the res blocks (used only with train=True).
+      resamp_with_conv: conv (True) or pooling/plain nearest (False) resampling.
+      out_channels: output channels (3 for eps, 6 for eps + learned variance).
+      num_classes: if set, class-conditional; label `num_classes` means "no class"
+        (for classifier-free guidance) and is used when y is None.
+      dtype: compute dtype (e.g. jnp.bfloat16); the output is always float32.
+      param_dtype: parameter dtype.
+    """
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    resamp_with_conv: bool = True
+    out_channels: int = 3
+    num_classes: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _check_inputs(self, x, t, y) -> None:
+        """Raise a clear ValueError for inputs the network cannot take, before any layer runs."""
+        if x.ndim != 4:
+            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {tuple(x.shape)}")
+        batch, height, width, _ = x.shape
+        divisor = 2 ** (len(self.ch_mult) - 1)
+        if height % divisor or width % divisor:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by {divisor} = 2**(len(ch_mult)-1)"
+                f" for ch_mult={tuple(self.ch_mult)}"
+            )
+        if jnp.ndim(t) != 1 or jnp.shape(t)[0] != batch:
+            raise ValueError(
+                f"t must have shape [{batch}] (one timestep per image), got {tuple(jnp.shape(t))}"
+            )
+        if y is not None:
+            if self.num_classes is None:
+                raise ValueError("class labels y given, but the UNet has num_classes=None")
+            if jnp.ndim(y) != 1 or jnp.shape(y)[0] != batch:
+                raise ValueError(f"y must have shape [{batch}], got {tuple(jnp.shape(y))}")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % NUM_GROUPS]
+        if bad:
+            raise ValueError(f"channel counts {bad} are not divisible by {NUM_GROUPS} groups")
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+    ) -> jax.Array:
+        """Predict eps (and optionally the variance interpolation) for noisy images.
+
+        Args:
+          x: [B, H, W, C_in] noisy images in [-1, 1]; H, W divisible by 2**(len(ch_mult)-1).
+          t: [B] timesteps in {0, ..., T-1}.
+          y: [B] class labels in {0, ..., num_classes}, or None.
+          train: enables dropout (needs a 'dropout' rng).
+
+        Returns:
+          [B, H, W, out_channels] float32.
+        """
+        self._check_inputs(x, t, y)
+        dt, pdt = self.dtype, self.param_dtype
+        num_levels = len(self.ch_mult)
+
+        def dense(features, name):
+            return nn.Dense(
+                features, kernel_init=default_init, dtype=dt, param_dtype=pdt, name=name
+            )
+
+        temb = timestep_embedding(t, self.ch)
+        temb = dense(4 * self.ch, "temb_dense_0")(temb)
+        temb = dense(4 * self.ch, "temb_dense_1")(nn.swish(temb))
+        if self.num_classes is not None:
+            if y is None:
+                y = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
+            # Added after the time MLP, as diffusers' class_embedding does.
+            temb = temb + nn.Embed(
+                self.num_classes + 1, 4 * self.ch, dtype=dt, param_dtype=pdt, name="class_embed"
+            )(y)
+
+        def res_block(h, out_ch, name):
+            return ResnetBlock(out_ch, self.dropout, dt, pdt, name=name)(h, temb, train=train)
+
+        def maybe_attn(h, name):
+            # Attention placement follows the actual feature-map height, as in the official code.
+            return AttnBlock(dt, pdt, name=name)(h) if h.shape[1] in self.attn_resolutions else h
+
+        # Down path; `skips` collects every intermediate for the up path.
+        h = _conv(self.ch, "conv_in", dt, pdt)(x.astype(dt))
+        skips = [h]
+        for level in range(num_levels):
+            for i in range(self.num_res_blocks):
+                h = res_block(h, self.ch * self.ch_mult[level], f"down_{level}_block_{i}")
+                h = maybe_attn(h, f"down_{level}_attn_{i}")
+                skips.append(h)
+            if level != num_levels - 1:
+                h = Downsample(self.resamp_with_conv, dt, pdt, name=f"down_{level}_downsample")(h)
+                skips.append(h)
+
+        h = res_block(h, h.shape[-1], "mid_block_0")
+        h = AttnBlock(dt, pdt, name="mid_attn")(h)
+        h = res_block(h, h.shape[-1], "mid_block_1")
+
+        # Up path: one more block per level than on the way down, to use up every skip.
+        for level in reversed(range(num_levels)):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = res_block(h, self.ch * self.ch_mult[level], f"up_{level}_block_{i}")
+                h = maybe_attn(h, f"up_{level}_attn_{i}")
+            if level != 0:
+                h = Upsample(self.resamp_with_conv, dt, pdt, name=f"up_{level}_upsample")(h)
+        assert not skips
+
+        h = nn.swish(_norm("norm_out", dt, pdt)(h))
+        # Zero init: the untrained model predicts eps = 0 rather than noise of random scale.
+        h = _conv(self.out_channels, "conv_out", dt, pdt, init=zeros)(h)
+        return h.astype(jnp.float32)

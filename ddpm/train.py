@@ -1,0 +1,322 @@
+"""Training: the train state with EMA, a pure data-parallel train step, and the train loop.
+
+The train step runs under one `jax.pmap` written the modern way: the state goes in
+unmapped and comes out unmapped (in_axes=(None, 0, None), out_axes=None), the batch
+is split over devices, and gradients and metrics are averaged with `lax.pmean`.
+Randomness is a pure function of (seed, step, global example index), so the same
+global batch gives the same update on any number of devices, and a resumed run
+continues exactly as one that never stopped.
+"""
+
+import functools
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from absl import logging
+
+from ddpm import checkpointing, convert, images, input_pipeline, samplers
+from ddpm import diffusion as D
+from ddpm.models.unet import UNet
+from ddpm.schedules import get_beta_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 []: the number of updates applied.
+    params: Any
+    ema_params: Any  # Exponential moving average of params: used to sample and evaluate.
+    opt_state: Any
+
+
+def create_model(config: ml_collections.ConfigDict) -> UNet:
+    """The U-Net of config.model, with output channels for the configured variance."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    learned_var = config.diffusion.var_type in D.LEARNED_VAR_TYPES
+    return UNet(
+        ch=config.model.ch,
+        ch_mult=tuple(config.model.ch_mult),
+        num_res_blocks=config.model.num_res_blocks,
+        attn_resolutions=tuple(config.model.attn_resolutions),
+        dropout=config.model.dropout,
+        resamp_with_conv=config.model.resamp_with_conv,
+        out_channels=config.data.num_channels * (2 if learned_var else 1),
+        num_classes=config.model.num_classes or None,
+        dtype=DTYPES[config.model.dtype],
+    )
+
+
+def create_diffusion(config: ml_collections.ConfigDict, *, use_timesteps=None) -> D.Diffusion:
+    c = config.diffusion
+    betas = get_beta_schedule(
+        c.schedule, num_timesteps=c.num_timesteps, beta_start=c.beta_start, beta_end=c.beta_end
+    )
+    return D.create_diffusion(
+        betas,
+        mean_type=c.mean_type,
+        var_type=c.var_type,
+        loss_type=c.loss_type,
+        use_timesteps=use_timesteps,
+    )
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """A linear warm-up from 0 to the learning rate, then constant (the official code)."""
+    return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+
+
+def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    adam = optax.adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+    return adam
+
+
+def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rng) -> TrainState:
+    size, channels = config.data.image_size, config.data.num_channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(rng, x, t, y, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )
+
+
+def state_from_params(params, tx) -> TrainState:
+    """A fresh state (step 0, new optimiser) that starts from the given params."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )
+
+
+def example_keys(rng, global_index):
+    """One key per example [B] from its global index [B]: independent of the device layout."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
+
+
+def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay):
+    """One update on this device's share of the global batch (run under pmap 'batch').
+
+    Args:
+      state: the replicated TrainState.
+      batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]}, this device's share.
+      rng: the run's key; folded with the step, and per example with its global index.
+    Returns:
+      (new state, metrics averaged over all devices).
+    """
+    per_device = batch["image"].shape[0]
+    global_index = jax.lax.axis_index("batch") * per_device + jnp.arange(per_device)
+    step_rng = jax.random.fold_in(rng, state.step)
+    t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
+    x_start = images.to_model_range(batch["image"])
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
+        example_keys(t_rng, global_index)
+    )
+    noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
+        example_keys(noise_rng, global_index)
+    )
+    labels = batch["label"] if model.num_classes else None
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index("batch"))
+
+    def loss_fn(params):
+        def denoise_fn(x_t, model_t):
+            return model.apply(
+                {"params": params}, x_t, model_t, labels, train=True, rngs={"dropout": dropout_rng}
+            )
+
+        return jnp.mean(D.training_losses(diffusion, denoise_fn, x_start, t, noise)["loss"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grads = jax.lax.pmean(grads, "batch")
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(
+        lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params
+    )
+    metrics = {
+        "loss": jax.lax.pmean(loss, "batch"),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+    }
+    new_state = TrainState(
+        step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+
+def make_train_step(config, model, diffusion, tx):
+    """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics)."""
+    step = functools.partial(
+        train_step, model=model, diffusion=diffusion, tx=tx, ema_decay=config.training.ema_decay
+    )
+    return jax.pmap(step, axis_name="batch", in_axes=(None, 0, None), out_axes=None)
+
+
+def make_sample_fn(config, model, diffusion):
+    """(ema_params, keys [N]) -> uint8 samples [N, H, W, C] on this host's devices."""
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+
+    def sample(params, keys):
+        def denoise_fn(x, t):
+            return model.apply({"params": params}, x, t, None, train=False)
+
+        return samplers.ddpm_sample(
+            diffusion, denoise_fn, keys, shape, clip_denoised=config.sampling.clip_denoised
+        )
+
+    return jax.jit(sample)
+
+
+class _Logger:
+    """Console lines and TensorBoard scalars/images; only process 0 writes."""
+
+    def __init__(self, workdir, num_steps):
+        self.active = jax.process_index() == 0
+        self.num_steps = num_steps
+        self.writer = tf.summary.create_file_writer(str(workdir)) if self.active else None
+        self.last_time, self.last_step = time.time(), None
+
+    def scalars(self, step, metrics, images_per_step):
+        now = time.time()
+        if self.last_step is not None and step > self.last_step:
+            steps_per_sec = (step - self.last_step) / (now - self.last_time)
+            metrics = {
+                **metrics,
+                "steps_per_sec": steps_per_sec,
+                "images_per_sec": steps_per_sec * images_per_step,
+            }
+            eta = (self.num_steps - step) / steps_per_sec
+            logging.info(
+                "step %d/%d  %s  ETA %.1f min",
+                step,
+                self.num_steps,
+                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                eta / 60,
+            )
+        self.last_time, self.last_step = now, step
+        if self.active:
+            with self.writer.as_default():
+                for name, value in metrics.items():
+                    tf.summary.scalar(name, value, step=step)
+
+    def image(self, step, name, image_uint8):
+        if self.active:
+            with self.writer.as_default():
+                tf.summary.image(name, image_uint8[None], step=step)
+
+    def close(self):
+        if self.active:
+            self.writer.flush()
+
+
+def check_finite(metrics, step, last_step):
+    if not all(np.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(
+            f"non-finite metrics {metrics} between steps {last_step} and {step}: "
+            "lower optim.learning_rate or check the data"
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model, diffusion, tx = (
+        create_model(config),
+        create_diffusion(config),
+        create_optimizer(config.optim),
+    )
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    state = checkpointing.restore_or_initialize(
+        checkpointer,
+        lambda: create_train_state(config, model, tx, init_rng),
+        init_from=config.init_from,
+        from_params=lambda p: state_from_params(p, tx),
+    )
+    start_step = int(state.step)
+    train_iter = input_pipeline.create_train_iter(
+        config.data,
+        global_batch_size=config.training.batch_size,
+        seed=config.seed,
+        start_step=start_step,
+    )
+    p_train_step = make_train_step(config, model, diffusion, tx)
+    sample_fn = make_sample_fn(config, model, diffusion)
+    logger = _Logger(workdir, config.training.num_train_steps)
+    preemption = checkpointing.PreemptionFlag()
+    num_steps = config.training.num_train_steps
+    last_logged = start_step
+    logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
+    try:
+        for step in range(start_step + 1, num_steps + 1):
+            state, metrics = p_train_step(state, next(train_iter), train_rng)
+            if step % config.training.log_every == 0 or step == num_steps:
+                metrics = {k: float(v) for k, v in metrics.items()}
+                check_finite(metrics, step, last_logged)
+                lr = float(learning_rate_schedule(config.optim)(step - 1))
+                logger.scalars(step, {**metrics, "learning_rate": lr}, config.training.batch_size)
+                last_logged = step
+            if step % config.training.sample_every == 0 or step == num_steps:
+                write_sample_grid(config, sample_fn, state, sample_rng, step, workdir, logger)
+            if step % config.training.checkpoint_every == 0 or step == num_steps:
+                checkpointer.save(step, state)
+            if preemption.is_set():
+                checkpointer.save(step, state, force=True)
+                logging.warning("Stopped at step %d after a signal; a restart resumes here.", step)
+                break
+    finally:
+        checkpointer.close()
+        logger.close()
+        preemption.restore_handlers()
+    return state
+
+
+def write_sample_grid(config, sample_fn, state, rng, step, workdir, logger):
+    """EMA samples as samples/step_<step>.png and a TensorBoard image."""
+    keys = example_keys(jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples))
+    samples = images.to_uint8(sample_fn(state.ema_params, keys))
+    grid = images.make_grid(samples)
+    if jax.process_index() == 0:
+        images.save_grid(samples, workdir / "samples" / f"step_{step:08d}.png")
+        logger.image(step, "samples", grid)
+    logging.info("Wrote a grid of %d samples at step %d", len(samples), step)
+
+
+def convert_checkpoint(config: ml_collections.ConfigDict, source, workdir) -> TrainState:
+    """Writes a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32) as step 0 of `workdir`.
+
+    The config must describe the same network (configs/cifar.py for the CIFAR-10 release,
+    configs/celebahq.py or configs/lsun_*.py for the 256x256 ones); dropout may differ.
+    """
+    unet_kwargs, params = convert.from_diffusers(source)
+    model = create_model(config)
+    mismatched = {
+        name: (getattr(model, name), value)
+        for name, value in unet_kwargs.items()
+        if name != "dropout" and getattr(model, name) != value
+    }
+    if mismatched:
+        raise ValueError(
+            f"{source} does not match the config's model; (config, checkpoint): {mismatched}"
+        )
+    state = state_from_params(jax.tree.map(jnp.asarray, params), create_optimizer(config.optim))
+    checkpointer = checkpointing.Checkpointer(workdir)
+    checkpointer.save(0, state, force=True)
+    checkpointer.close()
+    logging.info("Converted %s into %s (step 0)", source, workdir)
+    return state
