@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3  # The newest K periodic checkpoints are kept.
     training.sample_every = 20_000  # A grid of EMA samples to TensorBoard and a PNG.
-    training.num_grid_samples = 64
+    training.num_grid_samples = 64  # 0: no sample grids.
 
     optim = config.optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4  # Adam, after a linear warm-up from 0.

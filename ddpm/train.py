@@ -145,8 +145,8 @@ def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay
     )
     metrics = {
         "loss": jax.lax.pmean(loss, "batch"),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     new_state = TrainState(
         step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state
@@ -154,12 +154,14 @@ def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay
     return new_state, metrics
 
 
-def make_train_step(config, model, diffusion, tx):
+def make_train_step(config, model, diffusion, tx, devices=None):
     """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics)."""
     step = functools.partial(
         train_step, model=model, diffusion=diffusion, tx=tx, ema_decay=config.training.ema_decay
     )
-    return jax.pmap(step, axis_name="batch", in_axes=(None, 0, None), out_axes=None)
+    return jax.pmap(
+        step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices
+    )
 
 
 def make_sample_fn(config, model, diffusion):
@@ -187,7 +189,7 @@ class _Logger:
         self.last_time, self.last_step = time.time(), None
 
     def scalars(self, step, metrics, images_per_step):
-        now = time.time()
+        now, eta = time.time(), ""
         if self.last_step is not None and step > self.last_step:
             steps_per_sec = (step - self.last_step) / (now - self.last_time)
             metrics = {
@@ -195,14 +197,14 @@ class _Logger:
                 "steps_per_sec": steps_per_sec,
                 "images_per_sec": steps_per_sec * images_per_step,
             }
-            eta = (self.num_steps - step) / steps_per_sec
-            logging.info(
-                "step %d/%d  %s  ETA %.1f min",
-                step,
-                self.num_steps,
-                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                eta / 60,
-            )
+            eta = f"  ETA {(self.num_steps - step) / steps_per_sec / 60:.1f} min"
+        logging.info(
+            "step %d/%d  %s%s",
+            step,
+            self.num_steps,
+            "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+            eta,
+        )
         self.last_time, self.last_step = now, step
         if self.active:
             with self.writer.as_default():
@@ -242,19 +244,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
 
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-    state = checkpointing.restore_or_initialize(
-        checkpointer,
-        lambda: create_train_state(config, model, tx, init_rng),
-        init_from=config.init_from,
-        from_params=lambda p: state_from_params(p, tx),
-    )
-    start_step = int(state.step)
+    # The data first: its errors (missing files, batch not divisible) come before compiling.
+    start_step = checkpointer.latest_step() or 0
     train_iter = input_pipeline.create_train_iter(
         config.data,
         global_batch_size=config.training.batch_size,
         seed=config.seed,
         start_step=start_step,
     )
+    state = checkpointing.restore_or_initialize(
+        checkpointer,
+        jax.jit(lambda: create_train_state(config, model, tx, init_rng)),
+        init_from=config.init_from,
+        from_params=lambda p: state_from_params(p, tx),
+    )
+    assert int(state.step) == start_step, (int(state.step), start_step)
     p_train_step = make_train_step(config, model, diffusion, tx)
     sample_fn = make_sample_fn(config, model, diffusion)
     logger = _Logger(workdir, config.training.num_train_steps)
@@ -271,7 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 lr = float(learning_rate_schedule(config.optim)(step - 1))
                 logger.scalars(step, {**metrics, "learning_rate": lr}, config.training.batch_size)
                 last_logged = step
-            if step % config.training.sample_every == 0 or step == num_steps:
+            grid_due = step % config.training.sample_every == 0 or step == num_steps
+            if config.training.num_grid_samples and grid_due:
                 write_sample_grid(config, sample_fn, state, sample_rng, step, workdir, logger)
             if step % config.training.checkpoint_every == 0 or step == num_steps:
                 checkpointer.save(step, state)

@@ -1,0 +1,200 @@
+"""Training end to end on 8 fake CPU devices: outputs, data parallelism, exact resume, errors."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import default
+from ddpm import checkpointing, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**training):
+    config = default.get_config()
+    config.data.update(dataset="cifar10", image_size=8, num_channels=3)
+    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    config.diffusion.num_timesteps = 10
+    config.training.update({
+        "batch_size": 16, "num_train_steps": 4, "log_every": 2, "checkpoint_every": 2,
+        "sample_every": 4, "num_grid_samples": 4, **training,
+    })  # fmt: skip
+    config.optim.warmup_steps = 2
+    return config
+
+
+def image_folder(path, n=40, size=12):
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (path / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), np.uint8)).save(
+            path / str(i % 2) / f"{i}.png"
+        )
+    return path
+
+
+def restore(workdir, config):
+    model, tx = train.create_model(config), train.create_optimizer(config.optim)
+    abstract = jax.eval_shape(
+        lambda: train.create_train_state(config, model, tx, jax.random.key(0))
+    )
+    checkpointer = checkpointing.Checkpointer(workdir)
+    state = checkpointer.restore(abstract)
+    checkpointer.close()
+    return state
+
+
+def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
+    assert jax.local_device_count() == 8
+    config = tiny_config()
+    with tfds.testing.mock_data(num_examples=64):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000004.png"))
+    assert grid.shape == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2, 3)  # 4 samples of 8x8, 2x2 grid
+    scalars = {}
+    for event_file in tmp_path.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(event.step)
+    for tag in ("loss", "grad_norm", "param_norm", "learning_rate"):
+        assert scalars[tag] == [2, 4], (tag, scalars)
+    assert scalars["steps_per_sec"] == [4] and scalars["samples"] == [4]
+    assert (tmp_path / "config.json").exists()
+    restored = restore(tmp_path, config)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_same_update_on_one_and_on_eight_devices():
+    """The same global batch and seed give the same parameters on 1 device and on 8.
+
+    SGD makes the comparison sharp: Adam's first steps are ~lr * sign(g), which turns a
+    rounding-level difference in a near-zero gradient into a full step. With SGD the
+    only difference is the float32 order of the batch reduction (one mean of 16 against
+    a mean of 8 means of 2), a few ulps of the gradient.
+    """
+    config = tiny_config()
+    model, diffusion = train.create_model(config), train.create_diffusion(config)
+    tx = optax.sgd(0.5)
+    state = train.create_train_state(config, model, tx, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "image": rng.integers(0, 256, (16, 8, 8, 3), np.uint8),
+            "label": np.zeros(16, np.int32),
+        }
+        for _ in range(3)
+    ]
+    results = {}
+    for n in (1, 8):
+        step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:n])
+        s = state
+        for batch in batches:
+            split = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
+            s, metrics = step_fn(s, split, jax.random.key(1))
+        results[n] = (s, metrics)
+    (s1, m1), (s8, m8) = results[1], results[8]
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s8.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the parameters
+
+
+def _main(workdir, data_path, steps, **flags):
+    args = [
+        sys.executable, str(ROOT / "main.py"), "--config=" + str(ROOT / "configs/default.py"),
+        f"--workdir={workdir}", "--config.data.source=folder", f"--config.data.path={data_path}",
+        "--config.data.image_size=8", "--config.model.ch=32", "--config.model.ch_mult=(1,2)",
+        "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=(4,)",
+        "--config.model.dropout=0.0", "--config.diffusion.num_timesteps=10",
+        "--config.training.batch_size=16", f"--config.training.num_train_steps={steps}",
+        "--config.training.log_every=1", "--config.training.checkpoint_every=1000",
+        "--config.training.num_grid_samples=0",
+        "--config.optim.warmup_steps=2",
+    ] + [f"--config.{k}={v}" for k, v in flags.items()]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_sigterm_saves_and_a_restart_continues_exactly(tmp_path):
+    """Stop a run with SIGTERM, restart it, and compare with a run that never stopped."""
+    data = image_folder(tmp_path / "images")
+    resumed = tmp_path / "resumed"
+    first = _main(resumed, data, 10_000)
+    seen = []
+    for line in first.stderr:  # wait until it has trained a few steps, then preempt it
+        seen.append(line)
+        if " step 3/10000" in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    _, rest = first.communicate(timeout=300)
+    assert first.returncode == 0, "".join(seen) + rest
+    stopped_at = checkpointing.Checkpointer(resumed).latest_step()
+    assert 3 <= stopped_at < 10_000, rest
+    total = stopped_at + 2
+    second = _main(resumed, data, total)
+    _, log = second.communicate(timeout=300)
+    assert second.returncode == 0, log
+    assert f"Training from step {stopped_at} to {total}" in log
+
+    config = tiny_config(num_train_steps=total, log_every=1, checkpoint_every=1000,
+                         num_grid_samples=0)  # fmt: skip
+    config.data.update(source="folder", path=str(data))
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(config, str(straight))
+    a, b = restore(resumed, config), restore(straight, config)
+    assert int(a.step) == int(b.step) == total
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)  # bitwise: same program, inputs and keys on CPU
+
+
+@pytest.mark.parametrize(
+    "update,error,message",
+    [
+        ({"training.batch_size": 12}, ValueError, "multiple of"),
+        ({"data.source": "folder", "data.path": "/nonexistent/images"}, FileNotFoundError,
+         "/nonexistent/images"),
+        ({"data.image_size": 9}, ValueError, "not divisible by 2"),
+        ({"model.dtype": "float16"}, ValueError, "model.dtype"),
+        ({"diffusion.var_type": "wide"}, ValueError, "unknown var_type 'wide'"),
+        ({"diffusion.schedule": "cosin"}, ValueError, "unknown beta schedule 'cosin'"),
+    ],
+)  # fmt: skip
+def test_bad_configuration_fails_fast_with_one_message(tmp_path, update, error, message):
+    config = tiny_config()
+    for key, value in update.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    start = time.time()
+    with tfds.testing.mock_data(num_examples=64), pytest.raises(error, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert time.time() - start < 30  # before any training step compiles
+
+
+def test_nan_fails_fast_naming_the_step_range():
+    train.check_finite({"loss": 0.5}, 10, 5)
+    with pytest.raises(FloatingPointError, match="between steps 5 and 10"):
+        train.check_finite({"loss": float("nan"), "grad_norm": 1.0}, 10, 5)
+
+
+def test_learning_rate_warms_up_linearly_from_zero():
+    config = default.get_config()
+    schedule = train.learning_rate_schedule(config.optim)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(2500)), 1e-4, rtol=1e-6)
+    assert float(schedule(5000)) == float(schedule(800_000)) == pytest.approx(2e-4)
