@@ -38,16 +38,18 @@ def main(argv):
         jax.local_devices(),
     )
 
-    from ddpm import train
+    from ddpm import convert, evaluation, train
 
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "convert":
+    elif FLAGS.mode == "sample":
+        evaluation.sample(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+        evaluation.evaluate(config, FLAGS.workdir)
+    else:
         if not FLAGS.source:
             raise app.UsageError("--mode=convert needs --source=DIR (a diffusers UNet2DModel)")
-        train.convert_checkpoint(config, FLAGS.source, FLAGS.workdir)
-    else:
-        raise app.UsageError(f"--mode={FLAGS.mode} is not implemented yet")
+        convert.convert_checkpoint(config, FLAGS.source, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     sampling = config.sampling = ml_collections.ConfigDict()
     sampling.method = "ddpm"  # 'ddpm' (ancestral) or 'ddim'.
-    sampling.num_steps = 1000  # Reverse steps; fewer than T respaces the chain.
+    sampling.num_steps = 0  # Reverse steps; 0: all T. Fewer than T respaces the chain.
     sampling.eta = 0.0  # DDIM noise scale: 0 deterministic, 1 ancestral-like.
     sampling.clip_denoised = True  # Clip predicted x_0 to [-1, 1] at every step.
     sampling.num_samples = 64  # --mode=sample writes this many.

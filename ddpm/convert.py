@@ -19,9 +19,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import safetensors.numpy
+from absl import logging
 
+from ddpm import checkpointing
+from ddpm.factories import create_model, create_optimizer, state_from_params
 from ddpm.models.unet import NORM_EPS, NUM_GROUPS, UNet
 
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -292,3 +296,28 @@ def from_diffusers(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, 
     height, width = (size, size) if isinstance(size, int) else size
     check_params_match(params, unet_kwargs, (height, width, int(config.get("in_channels", 3))))
     return unet_kwargs, params
+
+
+def convert_checkpoint(config: ml_collections.ConfigDict, source, workdir):
+    """Writes a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32) as step 0 of `workdir`.
+
+    The config must describe the same network (configs/cifar.py for the CIFAR-10 release,
+    configs/celebahq.py or configs/lsun_*.py for the 256x256 ones); dropout may differ.
+    """
+    unet_kwargs, params = from_diffusers(source)
+    model = create_model(config)
+    mismatched = {
+        name: (getattr(model, name), value)
+        for name, value in unet_kwargs.items()
+        if name != "dropout" and getattr(model, name) != value
+    }
+    if mismatched:
+        raise ValueError(
+            f"{source} does not match the config's model; (config, checkpoint): {mismatched}"
+        )
+    state = state_from_params(jax.tree.map(jnp.asarray, params), create_optimizer(config.optim))
+    checkpointer = checkpointing.Checkpointer(workdir)
+    checkpointer.save(0, state, force=True)
+    checkpointer.close()
+    logging.info("Converted %s into %s (step 0)", source, workdir)
+    return state

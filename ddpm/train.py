@@ -11,9 +11,7 @@ continues exactly as one that never stopped.
 import functools
 import pathlib
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,81 +20,17 @@ import optax
 import tensorflow as tf
 from absl import logging
 
-from ddpm import checkpointing, convert, images, input_pipeline, samplers
+from ddpm import checkpointing, evaluation, images, input_pipeline
 from ddpm import diffusion as D
-from ddpm.models.unet import UNet
-from ddpm.schedules import get_beta_schedule
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array  # int32 []: the number of updates applied.
-    params: Any
-    ema_params: Any  # Exponential moving average of params: used to sample and evaluate.
-    opt_state: Any
-
-
-def create_model(config: ml_collections.ConfigDict) -> UNet:
-    """The U-Net of config.model, with output channels for the configured variance."""
-    if config.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
-    learned_var = config.diffusion.var_type in D.LEARNED_VAR_TYPES
-    return UNet(
-        ch=config.model.ch,
-        ch_mult=tuple(config.model.ch_mult),
-        num_res_blocks=config.model.num_res_blocks,
-        attn_resolutions=tuple(config.model.attn_resolutions),
-        dropout=config.model.dropout,
-        resamp_with_conv=config.model.resamp_with_conv,
-        out_channels=config.data.num_channels * (2 if learned_var else 1),
-        num_classes=config.model.num_classes or None,
-        dtype=DTYPES[config.model.dtype],
-    )
-
-
-def create_diffusion(config: ml_collections.ConfigDict, *, use_timesteps=None) -> D.Diffusion:
-    c = config.diffusion
-    betas = get_beta_schedule(
-        c.schedule, num_timesteps=c.num_timesteps, beta_start=c.beta_start, beta_end=c.beta_end
-    )
-    return D.create_diffusion(
-        betas,
-        mean_type=c.mean_type,
-        var_type=c.var_type,
-        loss_type=c.loss_type,
-        use_timesteps=use_timesteps,
-    )
-
-
-def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-    """A linear warm-up from 0 to the learning rate, then constant (the official code)."""
-    return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
-
-
-def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    adam = optax.adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
-    if optim.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
-    return adam
-
-
-def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rng) -> TrainState:
-    size, channels = config.data.image_size, config.data.num_channels
-    x = jnp.zeros((1, size, size, channels), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    params = model.init(rng, x, t, y, train=False)["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
-    )
-
-
-def state_from_params(params, tx) -> TrainState:
-    """A fresh state (step 0, new optimiser) that starts from the given params."""
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
-    )
+from ddpm.factories import (
+    TrainState,
+    create_diffusion,
+    create_model,
+    create_optimizer,
+    create_train_state,
+    learning_rate_schedule,
+    state_from_params,
+)
 
 
 def example_keys(rng, global_index):
@@ -154,6 +88,16 @@ def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay
     return new_state, metrics
 
 
+def replicated(tree, devices=None):
+    """`tree` laid out as the pmap'd step returns its state: replicated over `devices`.
+
+    Feeding the step a state with the layout it returns makes it compile once; a state on
+    one device would make its second call compile again.
+    """
+    mesh = jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("batch",))
+    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def make_train_step(config, model, diffusion, tx, devices=None):
     """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics)."""
     step = functools.partial(
@@ -162,21 +106,6 @@ def make_train_step(config, model, diffusion, tx, devices=None):
     return jax.pmap(
         step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices
     )
-
-
-def make_sample_fn(config, model, diffusion):
-    """(ema_params, keys [N]) -> uint8 samples [N, H, W, C] on this host's devices."""
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-    def sample(params, keys):
-        def denoise_fn(x, t):
-            return model.apply({"params": params}, x, t, None, train=False)
-
-        return samplers.ddpm_sample(
-            diffusion, denoise_fn, keys, shape, clip_denoised=config.sampling.clip_denoised
-        )
-
-    return jax.jit(sample)
 
 
 class _Logger:
@@ -259,8 +188,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         from_params=lambda p: state_from_params(p, tx),
     )
     assert int(state.step) == start_step, (int(state.step), start_step)
+    state = replicated(state)
     p_train_step = make_train_step(config, model, diffusion, tx)
-    sample_fn = make_sample_fn(config, model, diffusion)
+    sampler = evaluation.make_sampler(config, model)
     logger = _Logger(workdir, config.training.num_train_steps)
     preemption = checkpointing.PreemptionFlag()
     num_steps = config.training.num_train_steps
@@ -277,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 last_logged = step
             grid_due = step % config.training.sample_every == 0 or step == num_steps
             if config.training.num_grid_samples and grid_due:
-                write_sample_grid(config, sample_fn, state, sample_rng, step, workdir, logger)
+                write_sample_grid(config, sampler, state, sample_rng, step, workdir, logger)
             if step % config.training.checkpoint_every == 0 or step == num_steps:
                 checkpointer.save(step, state)
             if preemption.is_set():
@@ -291,37 +221,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def write_sample_grid(config, sample_fn, state, rng, step, workdir, logger):
-    """EMA samples as samples/step_<step>.png and a TensorBoard image."""
+def write_sample_grid(config, sampler, state, rng, step, workdir, logger):
+    """EMA samples (the configured sampler) as samples/step_<step>.png and a TensorBoard image."""
     keys = example_keys(jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples))
-    samples = images.to_uint8(sample_fn(state.ema_params, keys))
+    samples = sampler(state.ema_params, keys)
     grid = images.make_grid(samples)
     if jax.process_index() == 0:
         images.save_grid(samples, workdir / "samples" / f"step_{step:08d}.png")
         logger.image(step, "samples", grid)
     logging.info("Wrote a grid of %d samples at step %d", len(samples), step)
-
-
-def convert_checkpoint(config: ml_collections.ConfigDict, source, workdir) -> TrainState:
-    """Writes a diffusers UNet2DModel (e.g. google/ddpm-cifar10-32) as step 0 of `workdir`.
-
-    The config must describe the same network (configs/cifar.py for the CIFAR-10 release,
-    configs/celebahq.py or configs/lsun_*.py for the 256x256 ones); dropout may differ.
-    """
-    unet_kwargs, params = convert.from_diffusers(source)
-    model = create_model(config)
-    mismatched = {
-        name: (getattr(model, name), value)
-        for name, value in unet_kwargs.items()
-        if name != "dropout" and getattr(model, name) != value
-    }
-    if mismatched:
-        raise ValueError(
-            f"{source} does not match the config's model; (config, checkpoint): {mismatched}"
-        )
-    state = state_from_params(jax.tree.map(jnp.asarray, params), create_optimizer(config.optim))
-    checkpointer = checkpointing.Checkpointer(workdir)
-    checkpointer.save(0, state, force=True)
-    checkpointer.close()
-    logging.info("Converted %s into %s (step 0)", source, workdir)
-    return state

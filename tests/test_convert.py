@@ -185,13 +185,13 @@ def _config_for_unet_a():
 
 
 def test_convert_command_writes_a_checkpoint_the_modes_load(tmp_path):
-    from ddpm import checkpointing, train
+    from ddpm import checkpointing, convert, factories
 
     config = _config_for_unet_a()
-    train.convert_checkpoint(config, FIXTURES / "unet_a", tmp_path)
-    model, tx = train.create_model(config), train.create_optimizer(config.optim)
+    convert.convert_checkpoint(config, FIXTURES / "unet_a", tmp_path)
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
     abstract = jax.eval_shape(
-        lambda: train.create_train_state(config, model, tx, jax.random.key(0))
+        lambda: factories.create_train_state(config, model, tx, jax.random.key(0))
     )
     checkpointer = checkpointing.Checkpointer(tmp_path)
     state = checkpointer.restore(abstract)
@@ -205,4 +205,4 @@ def test_convert_command_writes_a_checkpoint_the_modes_load(tmp_path):
 
     config.model.ch = 64
     with pytest.raises(ValueError, match=r"does not match the config's model.*'ch': \(64, 32\)"):
-        train.convert_checkpoint(config, FIXTURES / "unet_a", tmp_path / "other")
+        convert.convert_checkpoint(config, FIXTURES / "unet_a", tmp_path / "other")

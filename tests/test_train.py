@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from ddpm import checkpointing, train
+from ddpm import checkpointing, factories, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,9 +46,9 @@ def image_folder(path, n=40, size=12):
 
 
 def restore(workdir, config):
-    model, tx = train.create_model(config), train.create_optimizer(config.optim)
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
     abstract = jax.eval_shape(
-        lambda: train.create_train_state(config, model, tx, jax.random.key(0))
+        lambda: factories.create_train_state(config, model, tx, jax.random.key(0))
     )
     checkpointer = checkpointing.Checkpointer(workdir)
     state = checkpointer.restore(abstract)
@@ -88,9 +88,9 @@ def test_same_update_on_one_and_on_eight_devices():
     a mean of 8 means of 2), a few ulps of the gradient.
     """
     config = tiny_config()
-    model, diffusion = train.create_model(config), train.create_diffusion(config)
+    model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
-    state = train.create_train_state(config, model, tx, jax.random.key(0))
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
     rng = np.random.default_rng(0)
     batches = [
         {
@@ -102,7 +102,7 @@ def test_same_update_on_one_and_on_eight_devices():
     results = {}
     for n in (1, 8):
         step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:n])
-        s = state
+        s = train.replicated(state, jax.devices()[:n])
         for batch in batches:
             split = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
             s, metrics = step_fn(s, split, jax.random.key(1))
@@ -194,7 +194,7 @@ def test_nan_fails_fast_naming_the_step_range():
 
 def test_learning_rate_warms_up_linearly_from_zero():
     config = default.get_config()
-    schedule = train.learning_rate_schedule(config.optim)
+    schedule = factories.learning_rate_schedule(config.optim)
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(2500)), 1e-4, rtol=1e-6)
     assert float(schedule(5000)) == float(schedule(800_000)) == pytest.approx(2e-4)

@@ -1,0 +1,276 @@
+"""Sampling and evaluation jobs: --mode=sample and --mode=eval.
+
+Samples are drawn on all local devices of every host. Sample i of a run uses the key
+fold_in(key, i) alone, so the images for a given seed do not depend on the number of
+devices or hosts. Work is done in chunks that are written to disk as soon as they are
+done (samples, and bits/dim of each test batch), so an interrupted job resumes at the
+first unfinished chunk.
+"""
+
+import json
+import pathlib
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tqdm
+from absl import logging
+from jax.experimental import multihost_utils
+
+from ddpm import checkpointing, images, input_pipeline, samplers
+from ddpm import diffusion as D
+from ddpm.factories import create_diffusion, create_model, create_optimizer, create_train_state
+from ddpm.metrics import fid, inception
+
+# fold_in purposes of the run's key, kept apart from training's.
+SAMPLE_PURPOSE, BPD_PURPOSE = 101, 102
+
+
+def sampling_diffusion(config: ml_collections.ConfigDict) -> D.Diffusion:
+    """The diffusion the sampler walks: all T steps, or a respaced subset of them."""
+    c, T = config.sampling, config.diffusion.num_timesteps
+    num_steps = c.num_steps or T
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"sampling.num_steps must be in [1, {T}] (or 0 for all), got {num_steps}")
+    if c.method == "ddim":
+        return create_diffusion(config, use_timesteps=samplers.ddim_timesteps(T, num_steps))
+    if c.method == "ddpm":
+        steps = None if num_steps == T else D.space_timesteps(T, [num_steps])
+        return create_diffusion(config, use_timesteps=steps)
+    raise ValueError(f"sampling.method must be 'ddpm' or 'ddim', got {c.method!r}")
+
+
+def sampler_name(config) -> str:
+    """e.g. 'ddpm1000' or 'ddim50_eta0.0': names the folders that samples are kept in."""
+    c = config.sampling
+    name = f"{c.method}{c.num_steps or config.diffusion.num_timesteps}"
+    return f"{name}_eta{c.eta}" if c.method == "ddim" else name
+
+
+def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Callable:
+    """(params, keys [N]) -> uint8 samples [N, H, W, C], N spread over the local devices."""
+    d = sampling_diffusion(config)
+    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    clip = config.sampling.clip_denoised
+
+    def sample(params, keys):
+        def denoise_fn(x, t):
+            return model.apply({"params": params}, x, t, None, train=False)
+
+        if config.sampling.method == "ddim":
+            return samplers.ddim_sample(
+                d, denoise_fn, keys, shape, eta=config.sampling.eta, clip_denoised=clip
+            )
+        return samplers.ddpm_sample(d, denoise_fn, keys, shape, clip_denoised=clip)
+
+    devices = devices or jax.local_devices()
+    p_sample = jax.pmap(sample, in_axes=(None, 0), devices=devices)
+
+    def run(params, keys):
+        # Pad to a multiple of the device count; samples are per key, so padding and
+        # dropping the extras leaves the real ones unchanged.
+        n = len(keys)
+        keys = keys[np.arange(n + -n % len(devices)) % n]
+        out = p_sample(params, keys.reshape(len(devices), -1))
+        return images.to_uint8(out.reshape(-1, *shape)[:n])
+
+    return run
+
+
+def sample_keys(rng, indices) -> jax.Array:
+    """One key per global sample index [n]: fold_in(rng, index)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
+
+
+def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
+    """Loads path (.npz) if an earlier run finished it; else computes it and saves it."""
+    if path.exists():
+        with np.load(path) as data:
+            return dict(data)
+    result = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial.npz")
+        np.savez(partial, **result)
+        partial.rename(path)  # atomic: a crash never leaves a half-written chunk behind
+    return result
+
+
+def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterator[np.ndarray]:
+    """Yields uint8 samples [chunk, H, W, C] for indices 0..num_samples-1, chunk by chunk.
+
+    Each process draws its share of a chunk; the chunk is gathered on every process.
+    """
+    chunk = config.sampling.batch_size
+    if chunk % jax.device_count():
+        raise ValueError(
+            f"sampling.batch_size={chunk} must be a multiple of the {jax.device_count()} devices"
+        )
+    per_process = chunk // jax.process_count()
+    num_chunks = -(-num_samples // chunk)
+    for c in tqdm.trange(num_chunks, desc="sampling", disable=jax.process_index() != 0):
+        start = c * chunk
+        mine = start + jax.process_index() * per_process + np.arange(per_process)
+
+        def compute(mine=mine):
+            local = sampler(params, sample_keys(rng, mine))
+            return {"images": np.asarray(multihost_utils.process_allgather(local, tiled=True))}
+
+        samples = _cached_chunk(pathlib.Path(out_dir) / f"chunk_{c:05d}.npz", compute)["images"]
+        yield samples[: min(chunk, num_samples - start)]
+
+
+def load_ema_params(config, workdir):
+    """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights."""
+    model, tx = create_model(config), create_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
+    checkpointer = checkpointing.Checkpointer(workdir)
+    step = checkpointer.latest_step()
+    if step is None:
+        checkpointer.close()
+        raise FileNotFoundError(
+            f"no checkpoint in {workdir}: train first, or write one with --mode=convert"
+        )
+    state = checkpointer.restore(abstract)
+    checkpointer.close()
+    return model, state.ema_params, step
+
+
+def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
+    """--mode=sample: sampling.num_samples EMA samples as samples.npz and a PNG grid."""
+    workdir = pathlib.Path(workdir)
+    model, params, step = load_ema_params(config, workdir)
+    c = config.sampling
+    name = f"samples_step{step}_{sampler_name(config)}_seed{config.seed}"
+    out_dir = workdir / name
+    rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
+    sampler = make_sampler(config, model)
+    samples = np.concatenate(
+        list(sample_chunks(config, sampler, params, rng, c.num_samples, out_dir / "chunks"))
+    )
+    if jax.process_index() == 0:
+        np.savez(out_dir / "samples.npz", images=samples)
+        images.save_grid(samples, out_dir / "grid.png")
+        logging.info("Wrote %d samples to %s", len(samples), out_dir)
+    return samples
+
+
+class FeatureExtractor:
+    """uint8 images [B, H, W, C] (C = 1 or 3) -> Inception pool3 features and logits."""
+
+    def __init__(self, weights: str, cache_dir):
+        variables = inception.load_inception_params(weights or None, cache_dir=cache_dir)
+        self.apply = inception.inception_fn(variables)
+        self.has_logits = inception.num_classes_of(variables) > 0
+
+    def __call__(self, images_uint8):
+        if images_uint8.shape[-1] == 1:  # grayscale: the network takes RGB
+            images_uint8 = np.repeat(images_uint8, 3, axis=-1)
+        features, logits = self.apply(jnp.asarray(images_uint8))
+        return np.asarray(features), None if logits is None else np.asarray(logits)
+
+
+def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
+    """Inception (mu, sigma) of the eval.split images, computed once and cached in workdir."""
+    d = config.data
+    source = d.dataset.replace("/", "_") if d.source == "tfds" else pathlib.Path(d.path).name
+    path = pathlib.Path(workdir) / "fid_stats" / f"{source}_{config.eval.split}_{d.image_size}.npz"
+    if path.exists():
+        return fid.load_statistics(path)
+    stats = fid.RunningStatistics(2048)
+    batches = input_pipeline.create_eval_iter(
+        d, split=config.eval.split, global_batch_size=config.eval.batch_size
+    )
+    for batch in tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index()):
+        real = batch["image"].reshape(-1, *batch["image"].shape[2:])[batch["mask"].reshape(-1)]
+        stats.update(extractor(real)[0])
+    mu, sigma = stats.mean_and_covariance()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fid.save_statistics(path, mu, sigma)
+    return mu, sigma
+
+
+def make_bpd_fn(config, model, devices=None) -> Callable:
+    """pmap'd (params, uint8 images [devices, b, ...], key) -> total bits/dim [devices, b]."""
+    d = create_diffusion(config)
+
+    def bpd(params, image, rng):
+        def denoise_fn(x, t):
+            return model.apply({"params": params}, x, t, None, train=False)
+
+        # A stochastic estimate (one x_t per term): each device draws its own noise.
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("batch"))
+        return D.calc_bpd_loop(d, denoise_fn, images.to_model_range(image), rng).total_bpd
+
+    return jax.pmap(bpd, axis_name="batch", in_axes=(None, 0, None), devices=devices)
+
+
+def bits_per_dim(config, model, params, out_dir) -> tuple[float, int]:
+    """(mean negative VLB in bits/dim, examples) over eval.bpd_split (calc_bpd_loop, eq. 5)."""
+    bpd_fn = make_bpd_fn(config, model)
+    rng = jax.random.fold_in(jax.random.key(config.seed), BPD_PURPOSE)
+    limit = config.eval.bpd_num_examples or None
+    batches = input_pipeline.create_eval_iter(
+        config.data, split=config.eval.bpd_split, global_batch_size=config.eval.batch_size
+    )
+    values = []
+    for i, batch in enumerate(tqdm.tqdm(batches, desc="bits/dim", disable=jax.process_index())):
+        if limit and sum(len(v) for v in values) >= limit:
+            break
+
+        def compute(batch=batch, i=i):
+            bpd = bpd_fn(params, batch["image"], jax.random.fold_in(rng, i))
+            gathered = multihost_utils.process_allgather(
+                {"bpd": np.asarray(bpd), "mask": batch["mask"]}, tiled=True
+            )
+            return {k: np.asarray(v).reshape(-1) for k, v in gathered.items()}
+
+        chunk = _cached_chunk(pathlib.Path(out_dir) / "bpd" / f"batch_{i:05d}.npz", compute)
+        values.append(chunk["bpd"][chunk["mask"].astype(bool)])
+    values = np.concatenate(values)[:limit]
+    return float(np.mean(values)), len(values)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+    """--mode=eval: FID (and IS) of EMA samples and bits/dim of the test split.
+
+    Results go to the console, TensorBoard (workdir/eval) and eval_step<step>.json.
+    """
+    workdir = pathlib.Path(workdir)
+    model, params, step = load_ema_params(config, workdir)
+    out_dir = workdir / f"eval_step{step}"
+    results = {"step": step}
+    if config.eval.num_samples:
+        extractor = FeatureExtractor(config.eval.inception_weights, workdir / "inception")
+        mu_ref, sigma_ref = reference_statistics(config, extractor, workdir)
+        stats, logits = fid.RunningStatistics(2048), []
+        rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
+        chunks = sample_chunks(
+            config, make_sampler(config, model), params, rng, config.eval.num_samples,
+            out_dir / f"samples_{sampler_name(config)}",
+        )  # fmt: skip
+        for chunk in chunks:
+            features, chunk_logits = extractor(chunk)
+            stats.update(features)
+            logits.append(chunk_logits)
+        mu, sigma = stats.mean_and_covariance()
+        results["fid"] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        results["fid_num_samples"] = stats.count
+        results["fid_reference_split"] = config.eval.split
+        if extractor.has_logits:
+            score, spread = fid.inception_score(np.concatenate(logits))
+            results.update(inception_score=score, inception_score_std=spread)
+    if config.eval.bpd_split:
+        results["bpd"], results["bpd_num_examples"] = bits_per_dim(config, model, params, out_dir)
+    logging.info("Evaluation at step %d: %s", step, results)
+    if jax.process_index() == 0:
+        (workdir / f"eval_step{step}.json").write_text(json.dumps(results, indent=2))
+        with tf.summary.create_file_writer(str(workdir / "eval")).as_default():
+            for name, value in results.items():
+                if isinstance(value, float):
+                    tf.summary.scalar(name, value, step=step)
+    return results

@@ -1,0 +1,88 @@
+"""Building the model, diffusion, optimiser and train state from a config.
+
+The one place where config fields become objects: the model and the diffusion math
+never see the config themselves.
+"""
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ddpm import diffusion as D
+from ddpm.models.unet import UNet
+from ddpm.schedules import get_beta_schedule
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array  # int32 []: the number of updates applied.
+    params: Any
+    ema_params: Any  # Exponential moving average of params: used to sample and evaluate.
+    opt_state: Any
+
+
+def create_model(config: ml_collections.ConfigDict) -> UNet:
+    """The U-Net of config.model, with output channels for the configured variance."""
+    if config.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    learned_var = config.diffusion.var_type in D.LEARNED_VAR_TYPES
+    return UNet(
+        ch=config.model.ch,
+        ch_mult=tuple(config.model.ch_mult),
+        num_res_blocks=config.model.num_res_blocks,
+        attn_resolutions=tuple(config.model.attn_resolutions),
+        dropout=config.model.dropout,
+        resamp_with_conv=config.model.resamp_with_conv,
+        out_channels=config.data.num_channels * (2 if learned_var else 1),
+        num_classes=config.model.num_classes or None,
+        dtype=DTYPES[config.model.dtype],
+    )
+
+
+def create_diffusion(config: ml_collections.ConfigDict, *, use_timesteps=None) -> D.Diffusion:
+    c = config.diffusion
+    betas = get_beta_schedule(
+        c.schedule, num_timesteps=c.num_timesteps, beta_start=c.beta_start, beta_end=c.beta_end
+    )
+    return D.create_diffusion(
+        betas,
+        mean_type=c.mean_type,
+        var_type=c.var_type,
+        loss_type=c.loss_type,
+        use_timesteps=use_timesteps,
+    )
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """A linear warm-up from 0 to the learning rate, then constant (the official code)."""
+    return optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+
+
+def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    adam = optax.adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+    return adam
+
+
+def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rng) -> TrainState:
+    size, channels = config.data.image_size, config.data.num_channels
+    x = jnp.zeros((1, size, size, channels), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    params = model.init(rng, x, t, y, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )
+
+
+def state_from_params(params, tx) -> TrainState:
+    """A fresh state (step 0, new optimiser) that starts from the given params."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
+    )

@@ -1,0 +1,127 @@
+"""--mode=sample and --mode=eval on a tiny random model, on 8 fake CPU devices."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import default
+from ddpm import checkpointing, evaluation, factories, images
+from ddpm import diffusion as D
+
+
+def tiny_config():
+    config = default.get_config()
+    config.data.update(dataset="cifar10", image_size=8, num_channels=3)
+    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
+    config.diffusion.num_timesteps = 10
+    config.sampling.update(num_steps=10, num_samples=20, batch_size=16)
+    config.eval.update(num_samples=0, bpd_split="train", batch_size=16, bpd_num_examples=40)
+    return config
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A checkpoint of a random model whose output layer is not zero (so outputs vary)."""
+    config = tiny_config()
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+    checkpointer = checkpointing.Checkpointer(tmp_path)
+    checkpointer.save(7, factories.state_from_params(params, tx), force=True)
+    checkpointer.close()
+    return tmp_path
+
+
+def test_sample_mode_writes_npz_and_grid_and_resumes(workdir):
+    config = tiny_config()
+    samples = evaluation.sample(config, workdir)
+    out = workdir / "samples_step7_ddpm10_seed0"
+    saved = np.load(out / "samples.npz")["images"]
+    np.testing.assert_array_equal(saved, samples)
+    assert saved.shape == (20, 8, 8, 3) and saved.dtype == np.uint8 and saved.std() > 0
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (4 * 10 + 2, 5 * 10 + 2, 3)  # 20 samples: 5 columns, 4 rows
+    np.testing.assert_array_equal(grid[2:10, 2:10], saved[0])
+    # A rerun finds both chunks on disk: nothing is sampled again, the result is the same.
+    chunks = sorted((out / "chunks").glob("chunk_*.npz"))
+    assert [c.name for c in chunks] == ["chunk_00000.npz", "chunk_00001.npz"]
+    stamp = [c.stat().st_mtime_ns for c in chunks]
+    np.testing.assert_array_equal(evaluation.sample(config, workdir), samples)
+    assert [c.stat().st_mtime_ns for c in chunks] == stamp
+
+
+def test_samples_do_not_depend_on_the_device_count(workdir):
+    config = tiny_config()
+    model, params, _ = evaluation.load_ema_params(config, workdir)
+    keys = evaluation.sample_keys(jax.random.key(3), np.arange(8))
+    one = evaluation.make_sampler(config, model, devices=jax.devices()[:1])(params, keys)
+    eight = evaluation.make_sampler(config, model, devices=jax.devices())(params, keys)
+    # uint8 after rounding: a float32 difference in batched convolutions can at most move
+    # a value across a rounding boundary, by one level.
+    assert np.max(np.abs(one.astype(int) - eight.astype(int))) <= 1
+    assert np.mean(one == eight) > 0.99
+    # A count that does not split over the devices: padded, and the first five unchanged.
+    five = evaluation.make_sampler(config, model, devices=jax.devices())(params, keys[:5])
+    np.testing.assert_array_equal(five, eight[:5])
+
+
+def test_eval_bits_per_dim_equals_calc_bpd_loop_called_directly(workdir):
+    config = tiny_config()
+    with tfds.testing.mock_data(num_examples=40):
+        results = evaluation.evaluate(config, workdir)
+        batches = list(evaluation.input_pipeline.create_eval_iter(
+            config.data, split="train", global_batch_size=16))  # fmt: skip
+    model, params, _ = evaluation.load_ema_params(config, workdir)
+    d = factories.create_diffusion(config)
+    rng = jax.random.fold_in(jax.random.key(config.seed), evaluation.BPD_PURPOSE)
+
+    def denoise_fn(x, t):
+        return model.apply({"params": params}, x, t, None, train=False)
+
+    bpd_fn = jax.jit(lambda x, key: D.calc_bpd_loop(d, denoise_fn, x, key).total_bpd)
+    direct = []
+    for i, batch in enumerate(batches):
+        for device in range(8):  # the eval job gives each device its own fold of the key
+            x = images.to_model_range(batch["image"][device])
+            key = jax.random.fold_in(jax.random.fold_in(rng, i), device)
+            direct.append(np.asarray(bpd_fn(x, key))[batch["mask"][device]])
+    direct = np.concatenate(direct)
+    assert results["bpd_num_examples"] == len(direct) == 40
+    np.testing.assert_allclose(results["bpd"], direct.mean(), rtol=1e-5)
+    assert 0 < results["bpd"] < 100
+    saved = json.loads((workdir / "eval_step7.json").read_text())
+    assert saved == results and saved["step"] == 7
+
+
+def test_eval_without_a_checkpoint_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train first, or write one with --mode=convert"):
+        evaluation.evaluate(tiny_config(), tmp_path)
+
+
+def test_bad_sampling_settings_raise(workdir):
+    config = tiny_config()
+    config.sampling.num_steps = 11
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 10\] \(or 0 for all\)"):
+        evaluation.sampling_diffusion(config)
+    config.sampling.update(num_steps=10, method="euler")
+    with pytest.raises(ValueError, match="'ddpm' or 'ddim'"):
+        evaluation.sampling_diffusion(config)
+
+
+def test_respaced_ddpm_sampler_walks_the_kept_steps():
+    config = tiny_config()
+    config.sampling.num_steps = 5
+    d = evaluation.sampling_diffusion(config)
+    np.testing.assert_array_equal(d.timestep_map, D.space_timesteps(10, [5]))
+    full = factories.create_diffusion(config)
+    np.testing.assert_allclose(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map], rtol=1e-6)
+    assert jnp.all(d.betas > 0)
