@@ -1,0 +1,300 @@
+"""Times one DDPM training step in JAX (this library) and in PyTorch (diffusers), side by side.
+
+Run from the repository root with the library's environment:
+
+    .venv/bin/python benchmarks/train_step.py --batch 128 --steps 20 --json runs/bench.json
+
+Each side runs in its own subprocess, so peak memory is per framework: the JAX side in this
+interpreter, the torch side in --torch-python (skipped, with a note, if that one lacks torch
+or diffusers; torch is imported nowhere else). Both do the same work per step: random t and
+noise, q_sample, the eps MSE (L_simple), backward, global-norm clipping, Adam, and an EMA
+update of a copy of the params; both get the uint8 batch from the host, as in training.
+The first step (JAX: compilation; torch: warm-up) and the second (JAX compiles again if the
+step returns the state with another sharding than it got) are timed on their own, then
+--steps steps as one window that ends by waiting for the device. The torch UNet2DModel is
+built from the same config and must have as many parameters as ours. --tiny shrinks the
+model for smoke runs.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR10_PARAMS = 35_746_307  # The paper's CIFAR-10 U-Net, as released (google/ddpm-cifar10-32).
+sys.path.insert(0, str(REPO))  # `ddpm` and `configs` from this checkout, as main.py has them.
+RESULT = "RESULT "  # Prefix of the line on which a side hands its numbers to the parent.
+
+
+def load_config(path: str, tiny: bool, dtype: str):
+    spec = importlib.util.spec_from_file_location("benchmark_config", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.dtype = dtype
+    if tiny:  # Two levels of 32 channels at 16x16, for smoke runs.
+        config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+        config.data.image_size = 16
+    return config
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
+
+
+def diffusers_unet_kwargs(config) -> dict:
+    """UNet2DModel arguments for config.model (the DDPM layout), checked by ddpm.convert."""
+    from ddpm import convert
+
+    m, size = config.model, config.data.image_size
+    attn = [size // 2**level in m.attn_resolutions for level in range(len(m.ch_mult))]
+    kwargs = dict(
+        sample_size=size,
+        in_channels=config.data.num_channels,
+        out_channels=config.data.num_channels,
+        block_out_channels=[m.ch * mult for mult in m.ch_mult],
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        layers_per_block=m.num_res_blocks,
+        attention_head_dim=None,  # One head spanning all channels.
+        norm_eps=1e-6,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        dropout=m.dropout,
+    )
+    ours = convert.unet_kwargs_from_diffusers_config(kwargs)  # ValueError if not DDPM's.
+    assert ours["attn_resolutions"] == tuple(m.attn_resolutions), ours
+    return kwargs
+
+
+def run_jax(args) -> dict:
+    import jax
+    import numpy as np
+
+    from ddpm import factories, train
+
+    config = load_config(args.config, args.tiny, args.dtype)
+    devices = jax.local_devices()
+    if args.batch % len(devices):
+        raise SystemExit(f"--batch {args.batch} is not divisible by {len(devices)} devices")
+    model, diffusion = factories.create_model(config), factories.create_diffusion(config)
+    tx = factories.create_optimizer(config.optim)
+    state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
+    state = train.replicated(state, devices)  # as train_and_evaluate does: one compile
+    params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+    print(f"jax: {params:,} parameters on {len(devices)} x {devices[0].device_kind}")
+    p_train_step = train.make_train_step(config, model, diffusion, tx, devices)
+
+    size, channels = config.data.image_size, config.data.num_channels
+    shape = (len(devices), args.batch // len(devices))
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, size, size, channels), np.uint8)
+    batch = {  # Host uint8 batches, as the input pipeline feeds them.
+        "image": pixels,
+        "label": np.zeros(shape, np.int32),
+    }
+    rng = jax.random.key(1)
+
+    def timed(steps):
+        nonlocal state
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = p_train_step(state, batch, rng)
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - start
+
+    compile_s, second_s = timed(1), timed(1)
+    step_s = timed(args.steps) / args.steps
+    stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
+    return dict(
+        device=f"{devices[0].platform} x{len(devices)}",
+        params=params,
+        compile_s=compile_s,
+        second_s=second_s,
+        step_s=step_s,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=stats["peak_bytes_in_use"] / 2**20 if stats else None,
+    )
+
+
+def run_torch(args, spec) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = UNet2DModel(**spec["unet"]).to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"torch: {params:,} parameters on {device}")
+    if params != spec["expect_params"]:
+        raise SystemExit(f"torch model has {params:,} parameters, ours {spec['expect_params']:,}")
+    forward = torch.compile(model) if args.torch_compile else model
+    weights = list(model.parameters())
+    ema = [p.detach().clone() for p in weights]
+    opt = torch.optim.Adam(weights, lr=spec["lr"], betas=spec["betas"], eps=spec["eps"])
+    scheduler = DDPMScheduler(
+        num_train_timesteps=spec["num_timesteps"],
+        beta_start=spec["beta_start"],
+        beta_end=spec["beta_end"],
+        beta_schedule="linear",
+    )
+    size, channels, num_timesteps = spec["image_size"], spec["channels"], spec["num_timesteps"]
+    images = torch.randint(0, 256, (args.batch, channels, size, size), dtype=torch.uint8)
+
+    def step():
+        x_start = images.to(device, non_blocking=True).float() / 127.5 - 1.0
+        t = torch.randint(0, num_timesteps, (args.batch,), device=device)
+        noise = torch.randn_like(x_start)
+        x_t = scheduler.add_noise(x_start, noise, t)
+        with torch.autocast(device, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            eps = forward(x_t, t).sample
+        loss = F.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(weights, spec["grad_clip"])
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, weights, 1.0 - spec["ema_decay"])
+
+    def timed(steps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    compile_s, second_s = timed(1), timed(1)
+    step_s = timed(args.steps) / args.steps
+    return dict(
+        device=device + (" (torch.compile)" if args.torch_compile else ""),
+        params=params,
+        compile_s=compile_s,
+        second_s=second_s,
+        step_s=step_s,
+        peak_rss_mb=peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
+    )
+
+
+def run_side(python: str, side: str, args, spec=None) -> dict:
+    """Runs one side in a fresh interpreter; its other stdout lines are passed through."""
+    cmd = [python, __file__, "--side", side, "--config", args.config, "--dtype", args.dtype]
+    cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd += ["--tiny"] * args.tiny + ["--torch-compile"] * args.torch_compile
+    cmd += ["--spec", json.dumps(spec)] if spec else []
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    lines = proc.stdout.splitlines()
+    for line in lines:
+        if not line.startswith(RESULT):
+            print(line, flush=True)
+    if proc.returncode:
+        raise SystemExit(f"the {side} side failed (exit {proc.returncode})")
+    return json.loads(next(line for line in lines if line.startswith(RESULT))[len(RESULT) :])
+
+
+def torch_spec(args) -> dict:
+    """What the torch side needs from the config (it cannot import ml_collections or ddpm)."""
+    config = load_config(args.config, args.tiny, args.dtype)
+    if config.diffusion.schedule != "linear" or config.diffusion.loss_type != "mse":
+        raise SystemExit("the torch peer implements the linear schedule and L_simple only")
+    o = config.optim
+    return dict(
+        unet=diffusers_unet_kwargs(config),
+        image_size=config.data.image_size,
+        channels=config.data.num_channels,
+        num_timesteps=config.diffusion.num_timesteps,
+        beta_start=config.diffusion.beta_start,
+        beta_end=config.diffusion.beta_end,
+        lr=o.learning_rate,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+        ema_decay=config.training.ema_decay,
+    )
+
+
+def has_torch(python: str) -> bool:
+    try:
+        check = subprocess.run([python, "-c", "import torch, diffusers"], capture_output=True)
+    except OSError:  # No such interpreter.
+        return False
+    return check.returncode == 0
+
+
+# (heading, result key, alignment and width, number format) of the table's columns.
+COLUMNS = [
+    ("device", "device", "<24", ""),
+    ("params", "params", ">12", ","),
+    ("compile s", "compile_s", ">11", ".2f"),
+    ("2nd s", "second_s", ">8", ".2f"),
+    ("s/step", "step_s", ">9", ".3f"),
+    ("images/s", "images_per_s", ">10", ".1f"),
+    ("peak RSS MB", "peak_rss_mb", ">13", ".0f"),
+    ("peak GPU MB", "peak_gpu_mb", ">13", ".0f"),
+]
+
+
+def report(results: dict, args) -> None:
+    print(f"\n{args.config}{' (tiny)' * args.tiny}, batch {args.batch}, {args.dtype}, ", end="")
+    print(f"{args.steps} timed steps")
+    widths = [width for _, _, width, _ in COLUMNS]
+    print(f"{'side':<6}" + "".join(f"{head:{width}}" for head, _, width, _ in COLUMNS))
+    for side in ("jax", "torch"):
+        if (r := results[side]) is not None:
+            cells = (format(r[key], f) if r[key] is not None else "-" for _, key, _, f in COLUMNS)
+            print(f"{side:<6}" + "".join(f"{c:{w}}" for c, w in zip(cells, widths, strict=True)))
+    if results["ratio"] is not None:
+        print(f"JAX images/s / torch images/s: {results['ratio']:.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/cifar.py")
+    parser.add_argument("--batch", type=int, default=8, help="global batch size")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps, after two untimed")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--torch-python", default=".venv-tools/bin/python")
+    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--tiny", action="store_true", help="a small model, for smoke runs")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.side:
+        result = run_jax(args) if args.side == "jax" else run_torch(args, args.spec)
+        result["images_per_s"] = args.batch / result["step_s"]
+        print(RESULT + json.dumps(result))
+        return
+
+    torch_python = REPO / args.torch_python
+    torch_python = str(torch_python) if torch_python.exists() else args.torch_python
+    spec = torch_spec(args) if has_torch(torch_python) else None  # Its errors come first.
+    results = {"jax": run_side(sys.executable, "jax", args), "torch": None, "ratio": None}
+    if args.config == "configs/cifar.py" and not args.tiny:
+        assert results["jax"]["params"] == CIFAR10_PARAMS, results["jax"]["params"]
+    if spec:
+        spec["expect_params"] = results["jax"]["params"]
+        results["torch"] = run_side(torch_python, "torch", args, spec)
+        results["ratio"] = results["jax"]["images_per_s"] / results["torch"]["images_per_s"]
+    else:
+        print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
+    report(results, args)
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("config", "batch", "steps", "dtype", "tiny")}
+        pathlib.Path(args.json).write_text(json.dumps({**settings, **results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
