@@ -123,20 +123,25 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
         yield samples[: min(chunk, num_samples - start)]
 
 
-def load_ema_params(config, workdir):
-    """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights."""
+def restore_train_state(config, workdir):
+    """(model, the newest TrainState in workdir): what the sample and eval modes load."""
     model, tx = create_model(config), create_optimizer(config.optim)
     abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
     checkpointer = checkpointing.Checkpointer(workdir)
-    step = checkpointer.latest_step()
-    if step is None:
+    try:
+        if checkpointer.latest_step() is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {workdir}: train first, or write one with --mode=convert"
+            )
+        return model, checkpointer.restore(abstract)
+    finally:
         checkpointer.close()
-        raise FileNotFoundError(
-            f"no checkpoint in {workdir}: train first, or write one with --mode=convert"
-        )
-    state = checkpointer.restore(abstract)
-    checkpointer.close()
-    return model, state.ema_params, step
+
+
+def load_ema_params(config, workdir):
+    """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights."""
+    model, state = restore_train_state(config, workdir)
+    return model, state.ema_params, int(state.step)
 
 
 def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:

@@ -185,18 +185,12 @@ def _config_for_unet_a():
 
 
 def test_convert_command_writes_a_checkpoint_the_modes_load(tmp_path):
-    from ddpm import checkpointing, convert, factories
+    from ddpm import convert, evaluation
 
     config = _config_for_unet_a()
     convert.convert_checkpoint(config, FIXTURES / "unet_a", tmp_path)
-    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    abstract = jax.eval_shape(
-        lambda: factories.create_train_state(config, model, tx, jax.random.key(0))
-    )
-    checkpointer = checkpointing.Checkpointer(tmp_path)
-    state = checkpointer.restore(abstract)
-    checkpointer.close()
-    assert checkpointer.latest_step() == 0 and int(state.step) == 0
+    model, state = evaluation.restore_train_state(config, tmp_path)
+    assert int(state.step) == 0
     data = np.load(FIXTURES / "unet_a" / "inputs.npz")
     out = jax.jit(model.apply, static_argnames="train")(
         {"params": state.ema_params}, data["x"], data["t"], train=False

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import default
-from ddpm import checkpointing, factories, train
+from ddpm import checkpointing, evaluation, factories, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,14 +46,7 @@ def image_folder(path, n=40, size=12):
 
 
 def restore(workdir, config):
-    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    abstract = jax.eval_shape(
-        lambda: factories.create_train_state(config, model, tx, jax.random.key(0))
-    )
-    checkpointer = checkpointing.Checkpointer(workdir)
-    state = checkpointer.restore(abstract)
-    checkpointer.close()
-    return state
+    return evaluation.restore_train_state(config, workdir)[1]
 
 
 def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
