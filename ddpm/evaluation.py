@@ -81,7 +81,7 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
 
 
 def sample_keys(rng, indices) -> jax.Array:
-    """One key per global sample index [n]: fold_in(rng, index)."""
+    """One key per global index [n]: fold_in(rng, index), independent of device layout."""
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
 
 

@@ -33,11 +33,6 @@ from ddpm.factories import (
 )
 
 
-def example_keys(rng, global_index):
-    """One key per example [B] from its global index [B]: independent of the device layout."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
-
-
 def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay):
     """One update on this device's share of the global batch (run under pmap 'batch').
 
@@ -54,10 +49,10 @@ def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
     x_start = images.to_model_range(batch["image"])
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
-        example_keys(t_rng, global_index)
+        evaluation.sample_keys(t_rng, global_index)
     )
     noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
-        example_keys(noise_rng, global_index)
+        evaluation.sample_keys(noise_rng, global_index)
     )
     labels = batch["label"] if model.num_classes else None
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index("batch"))
@@ -223,7 +218,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def write_sample_grid(config, sampler, state, rng, step, workdir, logger):
     """EMA samples (the configured sampler) as samples/step_<step>.png and a TensorBoard image."""
-    keys = example_keys(jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples))
+    keys = evaluation.sample_keys(
+        jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples)
+    )
     samples = sampler(state.ema_params, keys)
     grid = images.make_grid(samples)
     if jax.process_index() == 0:
