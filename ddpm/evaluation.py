@@ -124,24 +124,29 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
 
 
 def restore_train_state(config, workdir):
-    """(model, the newest TrainState in workdir): what the sample and eval modes load."""
+    """(model, newest TrainState in workdir, its checkpoint step): what sample and eval load.
+
+    The checkpoint's step names the outputs; a converted checkpoint is step 0 whatever its
+    state.step, and training saves each state under its own step, so the two agree there.
+    """
     model, tx = create_model(config), create_optimizer(config.optim)
     abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
     checkpointer = checkpointing.Checkpointer(workdir)
     try:
-        if checkpointer.latest_step() is None:
+        step = checkpointer.latest_step()
+        if step is None:
             raise FileNotFoundError(
                 f"no checkpoint in {workdir}: train first, or write one with --mode=convert"
             )
-        return model, checkpointer.restore(abstract)
+        return model, checkpointer.restore(abstract, step), step
     finally:
         checkpointer.close()
 
 
 def load_ema_params(config, workdir):
     """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights."""
-    model, state = restore_train_state(config, workdir)
-    return model, state.ema_params, int(state.step)
+    model, state, step = restore_train_state(config, workdir)
+    return model, state.ema_params, step
 
 
 def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
