@@ -203,10 +203,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             grid_due = step % config.training.sample_every == 0 or step == num_steps
             if config.training.num_grid_samples and grid_due:
                 write_sample_grid(config, sampler, state, sample_rng, step, workdir, logger)
-            if step % config.training.checkpoint_every == 0 or step == num_steps:
-                checkpointer.save(step, state)
-            if preemption.is_set():
+            # Read once: a signal between two reads would save the same step twice.
+            stopping = preemption.is_set()
+            if stopping or step % config.training.checkpoint_every == 0 or step == num_steps:
                 checkpointer.save(step, state, force=True)
+            if stopping:
                 logging.warning("Stopped at step %d after a signal; a restart resumes here.", step)
                 break
     finally:

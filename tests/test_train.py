@@ -156,6 +156,16 @@ def test_sigterm_saves_and_a_restart_continues_exactly(tmp_path):
         np.testing.assert_array_equal(x, y)  # bitwise: same program, inputs and keys on CPU
 
 
+def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeypatch):
+    # Every step is a checkpoint step here, and the flag is up from the start.
+    monkeypatch.setattr(checkpointing.PreemptionFlag, "is_set", lambda self: True)
+    config = tiny_config(checkpoint_every=1, num_grid_samples=0)
+    with tfds.testing.mock_data(num_examples=64):
+        state = train.train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 1
+    assert checkpointing.Checkpointer(tmp_path).manager.all_steps() == [1]
+
+
 @pytest.mark.parametrize(
     "update,error,message",
     [
