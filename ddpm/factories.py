@@ -75,10 +75,7 @@ def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rn
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    params = model.init(rng, x, t, y, train=False)["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, ema_params=params, opt_state=tx.init(params)
-    )
+    return state_from_params(model.init(rng, x, t, y, train=False)["params"], tx)
 
 
 def state_from_params(params, tx) -> TrainState:

@@ -30,10 +30,10 @@ def make_grid(images_uint8: np.ndarray, *, columns: int | None = None, pad: int 
     return grid
 
 
-def save_grid(images_uint8: np.ndarray, path, **grid_kwargs) -> pathlib.Path:
-    """Writes a PNG grid of uint8 images [N, H, W, C] (C = 1 or 3) and returns its path."""
+def save_grid(images_uint8: np.ndarray, path, **grid_kwargs) -> np.ndarray:
+    """Writes a PNG grid of uint8 images [N, H, W, C] (C = 1 or 3); returns the grid."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images_uint8, **grid_kwargs)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
-    return path
+    return grid

@@ -223,8 +223,7 @@ def write_sample_grid(config, sampler, state, rng, step, workdir, logger):
         jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples)
     )
     samples = sampler(state.ema_params, keys)
-    grid = images.make_grid(samples)
     if jax.process_index() == 0:
-        images.save_grid(samples, workdir / "samples" / f"step_{step:08d}.png")
+        grid = images.save_grid(samples, workdir / "samples" / f"step_{step:08d}.png")
         logger.image(step, "samples", grid)
     logging.info("Wrote a grid of %d samples at step %d", len(samples), step)
