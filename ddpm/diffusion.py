@@ -178,7 +178,7 @@ def respace_betas(betas: np.ndarray, use_timesteps: Sequence[int]) -> tuple[np.n
     return new_betas, steps
 
 
-def _extract(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
+def extract(table: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:
     """table[t] shaped to broadcast against x: t [B] and x [B, ...] -> [B, 1, ..., 1]."""
     t = jnp.asarray(t)
     return table[t].reshape(t.shape + (1,) * (x.ndim - t.ndim))
@@ -195,28 +195,28 @@ def _mean_over_data(x: jax.Array, t: jax.Array) -> jax.Array:
 
 def q_mean_variance(d: Diffusion, x_start: jax.Array, t: jax.Array):
     """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I): (mean, var, log_var)."""
-    mean = _extract(d.sqrt_alphas_cumprod, t, x_start) * x_start
-    variance = _extract(1.0 - d.alphas_cumprod, t, x_start)
-    log_variance = _extract(d.log_one_minus_alphas_cumprod, t, x_start)
+    mean = extract(d.sqrt_alphas_cumprod, t, x_start) * x_start
+    variance = extract(1.0 - d.alphas_cumprod, t, x_start)
+    log_variance = extract(d.log_one_minus_alphas_cumprod, t, x_start)
     return mean, variance, log_variance
 
 
 def q_sample(d: Diffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """Eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
     return (
-        _extract(d.sqrt_alphas_cumprod, t, x_start) * x_start
-        + _extract(d.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+        extract(d.sqrt_alphas_cumprod, t, x_start) * x_start
+        + extract(d.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
     )
 
 
 def q_posterior_mean_variance(d: Diffusion, x_start: jax.Array, x_t: jax.Array, t: jax.Array):
     """Eqs. 6-7, q(x_{t-1} | x_t, x_0): (mean, beta-tilde_t, clipped log beta-tilde_t)."""
     mean = (
-        _extract(d.posterior_mean_coef1, t, x_t) * x_start
-        + _extract(d.posterior_mean_coef2, t, x_t) * x_t
+        extract(d.posterior_mean_coef1, t, x_t) * x_start
+        + extract(d.posterior_mean_coef2, t, x_t) * x_t
     )
-    variance = _extract(d.posterior_variance, t, x_t)
-    log_variance = _extract(d.posterior_log_variance_clipped, t, x_t)
+    variance = extract(d.posterior_variance, t, x_t)
+    log_variance = extract(d.posterior_log_variance_clipped, t, x_t)
     return mean, variance, log_variance
 
 
@@ -227,37 +227,37 @@ def q_posterior_mean_variance(d: Diffusion, x_start: jax.Array, x_t: jax.Array, 
 def predict_xstart_from_eps(d: Diffusion, x_t: jax.Array, t: jax.Array, eps: jax.Array):
     """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eq. 4 inverted."""
     return (
-        _extract(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t
-        - _extract(d.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        extract(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+        - extract(d.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
     )
 
 
 def predict_eps_from_xstart(d: Diffusion, x_t: jax.Array, t: jax.Array, x_start: jax.Array):
     """eps = (x_t / sqrt(alpha_bar_t) - x_0) / sqrt(1 / alpha_bar_t - 1)."""
-    return (_extract(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start) / _extract(
+    return (extract(d.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x_start) / extract(
         d.sqrt_recipm1_alphas_cumprod, t, x_t
     )
 
 
 def predict_xstart_from_xprev(d: Diffusion, x_t: jax.Array, t: jax.Array, xprev: jax.Array):
     """x_0 = (x_{t-1} - coef2 x_t) / coef1, the posterior mean (eq. 7) inverted."""
-    coef1 = _extract(d.posterior_mean_coef1, t, x_t)
-    return (xprev - _extract(d.posterior_mean_coef2, t, x_t) * x_t) / coef1
+    coef1 = extract(d.posterior_mean_coef1, t, x_t)
+    return (xprev - extract(d.posterior_mean_coef2, t, x_t) * x_t) / coef1
 
 
 def v_target(d: Diffusion, x_start: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022)."""
     return (
-        _extract(d.sqrt_alphas_cumprod, t, x_start) * noise
-        - _extract(d.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
+        extract(d.sqrt_alphas_cumprod, t, x_start) * noise
+        - extract(d.sqrt_one_minus_alphas_cumprod, t, x_start) * x_start
     )
 
 
 def predict_xstart_from_v(d: Diffusion, x_t: jax.Array, t: jax.Array, v: jax.Array):
     """x_0 = sqrt(alpha_bar_t) x_t - sqrt(1 - alpha_bar_t) v."""
     return (
-        _extract(d.sqrt_alphas_cumprod, t, x_t) * x_t
-        - _extract(d.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        extract(d.sqrt_alphas_cumprod, t, x_t) * x_t
+        - extract(d.sqrt_one_minus_alphas_cumprod, t, x_t) * v
     )
 
 
@@ -293,8 +293,8 @@ def p_mean_variance(
             log_variance = var_output
         else:  # learned_range: improved DDPM eq. 15, v in [-1, 1] mapped to [0, 1].
             frac = (var_output + 1.0) / 2.0
-            max_log = _extract(d.log_betas, t, x_t)
-            min_log = _extract(d.posterior_log_variance_clipped, t, x_t)
+            max_log = extract(d.log_betas, t, x_t)
+            min_log = extract(d.posterior_log_variance_clipped, t, x_t)
             log_variance = frac * max_log + (1.0 - frac) * min_log
         variance = jnp.exp(log_variance)
     else:
@@ -302,8 +302,8 @@ def p_mean_variance(
             "fixedlarge": (d.betas, d.fixedlarge_log_variance),
             "fixedsmall": (d.posterior_variance, d.posterior_log_variance_clipped),
         }[d.var_type]
-        variance = jnp.broadcast_to(_extract(variance_table, t, x_t), x_t.shape)
-        log_variance = jnp.broadcast_to(_extract(log_variance_table, t, x_t), x_t.shape)
+        variance = jnp.broadcast_to(extract(variance_table, t, x_t), x_t.shape)
+        log_variance = jnp.broadcast_to(extract(log_variance_table, t, x_t), x_t.shape)
 
     def maybe_clip(x):
         return jnp.clip(x, -1.0, 1.0) if clip_denoised else x
@@ -340,7 +340,7 @@ def p_sample(
     out = p_mean_variance(
         d, model_output(d, denoise_fn, x_t, t), x_t, t, clip_denoised=clip_denoised
     )
-    nonzero = _extract(jnp.arange(d.num_timesteps) > 0, t, x_t)
+    nonzero = extract(jnp.arange(d.num_timesteps) > 0, t, x_t)
     return out.mean + nonzero * jnp.exp(0.5 * out.log_variance) * noise, out.pred_xstart
 
 

@@ -32,13 +32,18 @@ def start_noise(d: D.Diffusion, keys: jax.Array, shape: tuple[int, ...]) -> jax.
     return _normal_per_example(keys, shape, d.num_timesteps)
 
 
-def _gather(table, t, x):
-    return table[t].reshape(t.shape + (1,) * (x.ndim - t.ndim))
-
-
 def _ancestral_step(d: D.Diffusion, denoise_fn: D.DenoiseFn, clip_denoised: bool) -> StepFn:
     """Algorithm 2's step, x_{t-1} = mu_theta(x_t, t) + sigma_t z (`diffusion.p_sample`)."""
     return lambda x, t, noise: D.p_sample(d, denoise_fn, x, t, noise, clip_denoised=clip_denoised)
+
+
+def _x0_and_eps(d: D.Diffusion, denoise_fn: D.DenoiseFn, x, t, clip_denoised: bool):
+    """(x0, eps) at (x, t): p_mean_variance's pred_xstart, clipped if asked (so any
+    mean_type works), and the eps it implies."""
+    out = D.p_mean_variance(
+        d, D.model_output(d, denoise_fn, x, t), x, t, clip_denoised=clip_denoised
+    )
+    return out.pred_xstart, D.predict_eps_from_xstart(d, x, t, out.pred_xstart)
 
 
 def _ddim_step(d: D.Diffusion, denoise_fn: D.DenoiseFn, eta, clip_denoised: bool) -> StepFn:
@@ -50,24 +55,19 @@ def _ddim_step(d: D.Diffusion, denoise_fn: D.DenoiseFn, eta, clip_denoised: bool
     is eta^2 beta-tilde_t, as 1 - ab/ab_prev is the beta of `d`'s step (respaced or not):
     we take it from the float64-built table rather than cancel 1 - ab_prev in float32.
     """
+    # 1 - ab_prev = 1 - ab[t-1], from the table built in float64 (exactly 0 at t = 0).
+    one_minus_ab_prev_table = jnp.pad(d.sqrt_one_minus_alphas_cumprod[:-1] ** 2, (1, 0))
 
     def step(x, t, noise):
-        out = D.p_mean_variance(
-            d, D.model_output(d, denoise_fn, x, t), x, t, clip_denoised=clip_denoised
-        )
-        eps = D.predict_eps_from_xstart(d, x, t, out.pred_xstart)
-        ab_prev = _gather(d.alphas_cumprod_prev, t, x)
-        # 1 - ab_prev = 1 - ab[t-1], from the table built in float64 (exactly 0 at t = 0).
-        one_minus_ab_prev = jnp.where(
-            t > 0, d.sqrt_one_minus_alphas_cumprod[jnp.maximum(t - 1, 0)] ** 2, 0.0
-        ).reshape(t.shape + (1,) * (x.ndim - t.ndim))
-        sigma2 = eta**2 * _gather(d.posterior_variance, t, x)
+        x0, eps = _x0_and_eps(d, denoise_fn, x, t, clip_denoised)
+        one_minus_ab_prev = D.extract(one_minus_ab_prev_table, t, x)
+        sigma2 = eta**2 * D.extract(d.posterior_variance, t, x)
         x_prev = (
-            jnp.sqrt(ab_prev) * out.pred_xstart
+            jnp.sqrt(D.extract(d.alphas_cumprod_prev, t, x)) * x0
             + jnp.sqrt(jnp.maximum(one_minus_ab_prev - sigma2, 0.0)) * eps
             + jnp.sqrt(sigma2) * noise
         )
-        return x_prev, out.pred_xstart
+        return x_prev, x0
 
     return step
 
@@ -178,13 +178,10 @@ def ddim_encode(d: D.Diffusion, denoise_fn: D.DenoiseFn, x0: jax.Array, *, clip_
 
     def body(t, x):
         t_b = jnp.full(x.shape[:1], t, jnp.int32)
-        out = D.p_mean_variance(
-            d, D.model_output(d, denoise_fn, x, t_b), x, t_b, clip_denoised=clip_denoised
-        )
-        eps = D.predict_eps_from_xstart(d, x, t_b, out.pred_xstart)
+        x0, eps = _x0_and_eps(d, denoise_fn, x, t_b, clip_denoised)
         return (
-            _gather(d.sqrt_alphas_cumprod, t_b + 1, x) * out.pred_xstart
-            + _gather(d.sqrt_one_minus_alphas_cumprod, t_b + 1, x) * eps
+            D.extract(d.sqrt_alphas_cumprod, t_b + 1, x) * x0
+            + D.extract(d.sqrt_one_minus_alphas_cumprod, t_b + 1, x) * eps
         )
 
     return jax.lax.fori_loop(0, d.num_timesteps - 1, body, x0)
