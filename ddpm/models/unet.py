@@ -70,6 +70,12 @@ def _conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="S
     )
 
 
+def _dense(features, name, dtype, param_dtype, *, init=None):
+    return nn.Dense(
+        features, kernel_init=init or default_init, dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
 class ResnetBlock(nn.Module):
     """norm, swish, conv3x3, + Dense(swish(temb)), norm, swish, dropout, conv3x3, + skip.
 
@@ -86,10 +92,7 @@ class ResnetBlock(nn.Module):
         dt, pdt = self.dtype, self.param_dtype
         h = nn.swish(_norm("norm_0", dt, pdt)(x))
         h = _conv(self.out_ch, "conv_0", dt, pdt)(h)
-        temb_proj = nn.Dense(
-            self.out_ch, kernel_init=default_init, dtype=dt, param_dtype=pdt, name="temb_proj"
-        )
-        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+        h = h + _dense(self.out_ch, "temb_proj", dt, pdt)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_norm("norm_1", dt, pdt)(h))
         if self.dropout > 0.0:
             h = nn.Dropout(self.dropout)(h, deterministic=not train)
@@ -115,17 +118,13 @@ class AttnBlock(nn.Module):
         batch, height, width, channels = x.shape
         dt, pdt = self.dtype, self.param_dtype
         h = _norm("norm", dt, pdt)(x).reshape(batch, height * width, channels)
-
-        def dense(name, init=default_init):
-            return nn.Dense(channels, kernel_init=init, dtype=dt, param_dtype=pdt, name=name)
-
-        q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
+        q, k, v = (_dense(channels, name, dt, pdt)(h) for name in ("q", "k", "v"))
         # Logits and softmax in float32: under bf16 compute the row sums over up to
         # 256 positions (16x16) would otherwise lose most of their precision.
         logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * (channels**-0.5), axis=-1)
         h = jnp.einsum("bij,bjc->bic", weights.astype(v.dtype), v)
-        h = dense("proj_out", init=zeros)(h)
+        h = _dense(channels, "proj_out", dt, pdt, init=zeros)(h)
         return x + h.reshape(batch, height, width, channels)
 
 
@@ -233,15 +232,9 @@ class UNet(nn.Module):
         self._check_inputs(x, t, y)
         dt, pdt = self.dtype, self.param_dtype
         num_levels = len(self.ch_mult)
-
-        def dense(features, name):
-            return nn.Dense(
-                features, kernel_init=default_init, dtype=dt, param_dtype=pdt, name=name
-            )
-
         temb = timestep_embedding(t, self.ch)
-        temb = dense(4 * self.ch, "temb_dense_0")(temb)
-        temb = dense(4 * self.ch, "temb_dense_1")(nn.swish(temb))
+        temb = _dense(4 * self.ch, "temb_dense_0", dt, pdt)(temb)
+        temb = _dense(4 * self.ch, "temb_dense_1", dt, pdt)(nn.swish(temb))
         if self.num_classes is not None:
             if y is None:
                 y = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
