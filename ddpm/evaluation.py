@@ -29,6 +29,11 @@ from ddpm.metrics import fid, inception
 SAMPLE_PURPOSE, BPD_PURPOSE = 101, 102
 
 
+def denoiser(model, params) -> D.DenoiseFn:
+    """The network in eval mode (no dropout, no class) as a denoise_fn (x_t, t) -> output."""
+    return lambda x, t: model.apply({"params": params}, x, t, None, train=False)
+
+
 def sampling_diffusion(config: ml_collections.ConfigDict) -> D.Diffusion:
     """The diffusion the sampler walks: all T steps, or a respaced subset of them."""
     c, T = config.sampling, config.diffusion.num_timesteps
@@ -57,9 +62,7 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
     clip = config.sampling.clip_denoised
 
     def sample(params, keys):
-        def denoise_fn(x, t):
-            return model.apply({"params": params}, x, t, None, train=False)
-
+        denoise_fn = denoiser(model, params)
         if config.sampling.method == "ddim":
             return samplers.ddim_sample(
                 d, denoise_fn, keys, shape, eta=config.sampling.eta, clip_denoised=clip
@@ -209,12 +212,10 @@ def make_bpd_fn(config, model, devices=None) -> Callable:
     d = create_diffusion(config)
 
     def bpd(params, image, rng):
-        def denoise_fn(x, t):
-            return model.apply({"params": params}, x, t, None, train=False)
-
         # A stochastic estimate (one x_t per term): each device draws its own noise.
         rng = jax.random.fold_in(rng, jax.lax.axis_index("batch"))
-        return D.calc_bpd_loop(d, denoise_fn, images.to_model_range(image), rng).total_bpd
+        x_start = images.to_model_range(image)
+        return D.calc_bpd_loop(d, denoiser(model, params), x_start, rng).total_bpd
 
     return jax.pmap(bpd, axis_name="batch", in_axes=(None, 0, None), devices=devices)
 
