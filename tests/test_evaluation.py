@@ -7,26 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+import tiny
 from PIL import Image
 
-from configs import default
 from ddpm import checkpointing, evaluation, factories, images
 from ddpm import diffusion as D
 
 
 def tiny_config():
-    config = default.get_config()
-    config.data.update(dataset="cifar10", image_size=8, num_channels=3)
-    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-    config.diffusion.num_timesteps = 10
-    config.sampling.update(num_steps=10, num_samples=20, batch_size=16)
-    config.eval.update(num_samples=0, bpd_split="train", batch_size=16, bpd_num_examples=40)
-    return config
+    return tiny.tiny_config({
+        "sampling.num_steps": 10, "sampling.num_samples": 20, "sampling.batch_size": 16,
+        "eval.num_samples": 0, "eval.bpd_split": "train", "eval.batch_size": 16,
+        "eval.bpd_num_examples": 40,
+    })  # fmt: skip
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A checkpoint of a random model whose output layer is not zero (so outputs vary)."""
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkpoint of a random model whose output layer is not zero (so outputs vary).
+
+    Shared by the module's tests: each writes its outputs under its own name.
+    """
+    tmp_path = tmp_path_factory.mktemp("workdir")
     config = tiny_config()
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
     state = factories.create_train_state(config, model, tx, jax.random.key(0))
@@ -64,13 +66,14 @@ def test_samples_do_not_depend_on_the_device_count(workdir):
     model, params, _ = evaluation.load_ema_params(config, workdir)
     keys = evaluation.sample_keys(jax.random.key(3), np.arange(8))
     one = evaluation.make_sampler(config, model, devices=jax.devices()[:1])(params, keys)
-    eight = evaluation.make_sampler(config, model, devices=jax.devices())(params, keys)
+    on_eight = evaluation.make_sampler(config, model, devices=jax.devices())
+    eight = on_eight(params, keys)
     # uint8 after rounding: a float32 difference in batched convolutions can at most move
     # a value across a rounding boundary, by one level.
     assert np.max(np.abs(one.astype(int) - eight.astype(int))) <= 1
     assert np.mean(one == eight) > 0.99
     # A count that does not split over the devices: padded, and the first five unchanged.
-    five = evaluation.make_sampler(config, model, devices=jax.devices())(params, keys[:5])
+    five = on_eight(params, keys[:5])
     np.testing.assert_array_equal(five, eight[:5])
 
 
@@ -107,7 +110,7 @@ def test_eval_without_a_checkpoint_says_what_to_do(tmp_path):
         evaluation.evaluate(tiny_config(), tmp_path)
 
 
-def test_bad_sampling_settings_raise(workdir):
+def test_bad_sampling_settings_raise():
     config = tiny_config()
     config.sampling.num_steps = 11
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, 10\] \(or 0 for all\)"):

@@ -14,25 +14,21 @@ import optax
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+import tiny
 from PIL import Image
 
 from configs import default
 from ddpm import checkpointing, evaluation, factories, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(**training):
-    config = default.get_config()
-    config.data.update(dataset="cifar10", image_size=8, num_channels=3)
-    config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-    config.diffusion.num_timesteps = 10
-    config.training.update({
-        "batch_size": 16, "num_train_steps": 4, "log_every": 2, "checkpoint_every": 2,
-        "sample_every": 4, "num_grid_samples": 4, **training,
-    })  # fmt: skip
-    config.optim.warmup_steps = 2
-    return config
+# The runs that the SIGTERM test compares: from an image folder, a log line every step,
+# no checkpoint but the last (or the one a signal asks for), no sample grids.
+RESUME_RUN = {
+    "data.source": "folder",
+    "training.log_every": 1,
+    "training.checkpoint_every": 1000,
+    "training.num_grid_samples": 0,
+}
 
 
 def image_folder(path, n=40, size=12):
@@ -51,7 +47,7 @@ def restore(workdir, config):
 
 def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
     assert jax.local_device_count() == 8
-    config = tiny_config()
+    config = tiny.tiny_config()
     with tfds.testing.mock_data(num_examples=64):
         state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 4
@@ -80,7 +76,7 @@ def test_same_update_on_one_and_on_eight_devices():
     only difference is the float32 order of the batch reduction (one mean of 16 against
     a mean of 8 means of 2), a few ulps of the gradient.
     """
-    config = tiny_config()
+    config = tiny.tiny_config()
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
     state = factories.create_train_state(config, model, tx, jax.random.key(0))
@@ -108,18 +104,12 @@ def test_same_update_on_one_and_on_eight_devices():
     assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the parameters
 
 
-def _main(workdir, data_path, steps, **flags):
+def _main(workdir, data_path, steps):
+    run = {**RESUME_RUN, "data.path": data_path, "training.num_train_steps": steps}
     args = [
         sys.executable, str(ROOT / "main.py"), "--config=" + str(ROOT / "configs/default.py"),
-        f"--workdir={workdir}", "--config.data.source=folder", f"--config.data.path={data_path}",
-        "--config.data.image_size=8", "--config.model.ch=32", "--config.model.ch_mult=(1,2)",
-        "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=(4,)",
-        "--config.model.dropout=0.0", "--config.diffusion.num_timesteps=10",
-        "--config.training.batch_size=16", f"--config.training.num_train_steps={steps}",
-        "--config.training.log_every=1", "--config.training.checkpoint_every=1000",
-        "--config.training.num_grid_samples=0",
-        "--config.optim.warmup_steps=2",
-    ] + [f"--config.{k}={v}" for k, v in flags.items()]  # fmt: skip
+        f"--workdir={workdir}", *tiny.flags(run),
+    ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
@@ -145,9 +135,9 @@ def test_sigterm_saves_and_a_restart_continues_exactly(tmp_path):
     assert second.returncode == 0, log
     assert f"Training from step {stopped_at} to {total}" in log
 
-    config = tiny_config(num_train_steps=total, log_every=1, checkpoint_every=1000,
-                         num_grid_samples=0)  # fmt: skip
-    config.data.update(source="folder", path=str(data))
+    config = tiny.tiny_config(
+        {**RESUME_RUN, "data.path": str(data), "training.num_train_steps": total}
+    )
     straight = tmp_path / "straight"
     train.train_and_evaluate(config, str(straight))
     a, b = restore(resumed, config), restore(straight, config)
@@ -159,7 +149,7 @@ def test_sigterm_saves_and_a_restart_continues_exactly(tmp_path):
 def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeypatch):
     # Every step is a checkpoint step here, and the flag is up from the start.
     monkeypatch.setattr(checkpointing.PreemptionFlag, "is_set", lambda self: True)
-    config = tiny_config(checkpoint_every=1, num_grid_samples=0)
+    config = tiny.tiny_config({"training.checkpoint_every": 1, "training.num_grid_samples": 0})
     with tfds.testing.mock_data(num_examples=64):
         state = train.train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 1
@@ -179,10 +169,7 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeyp
     ],
 )  # fmt: skip
 def test_bad_configuration_fails_fast_with_one_message(tmp_path, update, error, message):
-    config = tiny_config()
-    for key, value in update.items():
-        section, field = key.split(".")
-        config[section][field] = value
+    config = tiny.tiny_config(update)
     start = time.time()
     with tfds.testing.mock_data(num_examples=64), pytest.raises(error, match=message):
         train.train_and_evaluate(config, str(tmp_path))

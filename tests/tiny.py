@@ -1,0 +1,41 @@
+"""The tiny model that the train and eval tests run: 8x8 images, two levels, T = 10."""
+
+from configs import default
+
+# Dotted config overrides: applied by tiny_config, and passed as --config.<key>=<value>
+# flags when a test runs main.py, so the two always describe the same run.
+TINY = {
+    "data.dataset": "cifar10",
+    "data.image_size": 8,
+    "data.num_channels": 3,
+    "model.ch": 32,
+    "model.ch_mult": (1, 2),
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": (4,),
+    "model.dropout": 0.0,
+    "diffusion.num_timesteps": 10,
+    "training.batch_size": 16,
+    "training.num_train_steps": 4,
+    "training.log_every": 2,
+    "training.checkpoint_every": 2,
+    "training.sample_every": 4,
+    "training.num_grid_samples": 4,
+    "optim.warmup_steps": 2,
+}
+
+
+def tiny_config(overrides=None):
+    """The default config with TINY applied, then `overrides` ({dotted key: value})."""
+    config = default.get_config()
+    for key, value in {**TINY, **(overrides or {})}.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config
+
+
+def flags(overrides=None) -> list[str]:
+    """TINY and `overrides` as main.py flags (tuples written without spaces)."""
+    return [
+        f"--config.{key}={str(value).replace(' ', '')}"
+        for key, value in {**TINY, **(overrides or {})}.items()
+    ]
