@@ -48,6 +48,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
 
 
+def measure(run_steps, wait, steps: int) -> dict:
+    """Times run_steps(n) up to wait(): the first step, the second, then `steps` as one window."""
+
+    def timed(n):
+        start = time.perf_counter()
+        run_steps(n)
+        wait()
+        return time.perf_counter() - start
+
+    compile_s, second_s = timed(1), timed(1)
+    step_s = timed(steps) / steps
+    return dict(compile_s=compile_s, second_s=second_s, step_s=step_s, peak_rss_mb=peak_rss_mb())
+
+
 def diffusers_unet_kwargs(config) -> dict:
     """UNet2DModel arguments for config.model (the DDPM layout), checked by ddpm.convert."""
     from ddpm import convert
@@ -99,26 +113,19 @@ def run_jax(args) -> dict:
         "image": pixels,
         "label": np.zeros(shape, np.int32),
     }
-    rng = jax.random.key(1)
+    rng, metrics = jax.random.key(1), None
 
-    def timed(steps):
-        nonlocal state
-        start = time.perf_counter()
-        for _ in range(steps):
+    def run_steps(n):
+        nonlocal state, metrics
+        for _ in range(n):
             state, metrics = p_train_step(state, batch, rng)
-        jax.block_until_ready((state, metrics))
-        return time.perf_counter() - start
 
-    compile_s, second_s = timed(1), timed(1)
-    step_s = timed(args.steps) / args.steps
+    timing = measure(run_steps, lambda: jax.block_until_ready((state, metrics)), args.steps)
     stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
     return dict(
         device=f"{devices[0].platform} x{len(devices)}",
         params=params,
-        compile_s=compile_s,
-        second_s=second_s,
-        step_s=step_s,
-        peak_rss_mb=peak_rss_mb(),
+        **timing,
         peak_gpu_mb=stats["peak_bytes_in_use"] / 2**20 if stats else None,
     )
 
@@ -165,23 +172,16 @@ def run_torch(args, spec) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, weights, 1.0 - spec["ema_decay"])
 
-    def timed(steps):
-        start = time.perf_counter()
-        for _ in range(steps):
+    def run_steps(n):
+        for _ in range(n):
             step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    compile_s, second_s = timed(1), timed(1)
-    step_s = timed(args.steps) / args.steps
+    wait = torch.cuda.synchronize if device == "cuda" else lambda: None
+    timing = measure(run_steps, wait, args.steps)
     return dict(
         device=device + (" (torch.compile)" if args.torch_compile else ""),
         params=params,
-        compile_s=compile_s,
-        second_s=second_s,
-        step_s=step_s,
-        peak_rss_mb=peak_rss_mb(),
+        **timing,
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     )
 
