@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from ddpm.convert import from_diffusers, unet_kwargs_from_diffusers_config
+from ddpm.convert import SAFETENSORS_NAME, from_diffusers, unet_kwargs_from_diffusers_config
 from ddpm.models.unet import UNet
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # config.json of the released google/ddpm-cifar10-32 (as diffusers 0.16 writes it).
 CIFAR10_CONFIG = {
@@ -98,16 +97,17 @@ def test_released_configs_give_the_paper_models():
 def test_legacy_attention_names_convert_alike(tmp_path):
     # unet_a uses the current names (to_q, ..., to_out.0); unet_b_bin, a .bin, the legacy
     # ones. Here the legacy names go into a safetensors file.
-    state = safetensors.numpy.load_file(FIXTURES / "unet_a" / WEIGHTS)
-    legacy = {}
-    for key, value in state.items():
-        for new, old in LEGACY.items():
-            key = key.replace(new, old)
-        legacy[key] = value
-    assert any(".proj_attn." in k for k in legacy) and not any(".to_q." in k for k in legacy)
-    shutil.copy(FIXTURES / "unet_a" / "config.json", tmp_path)
-    safetensors.numpy.save_file(legacy, tmp_path / WEIGHTS)
-    renamed, original = from_diffusers(tmp_path), from_diffusers(FIXTURES / "unet_a")
+    def to_legacy(state):
+        legacy = {}
+        for key, value in state.items():
+            for new, old in LEGACY.items():
+                key = key.replace(new, old)
+            legacy[key] = value
+        assert any(".proj_attn." in k for k in legacy) and not any(".to_q." in k for k in legacy)
+        return legacy
+
+    renamed = from_diffusers(copy_fixture(tmp_path / "legacy", state_edit=to_legacy))
+    original = from_diffusers(FIXTURES / "unet_a")
     assert renamed[0] == original[0]
     jax.tree.map(np.testing.assert_array_equal, renamed[1], original[1])
 
@@ -146,9 +146,10 @@ def test_missing_keys_mean_diffusers_defaults_and_are_rejected():
 def copy_fixture(tmp_path, state_edit=None, config_edit=None):
     source = FIXTURES / "unet_a"
     tmp_path.mkdir()
-    state = safetensors.numpy.load_file(source / WEIGHTS)
+    state = safetensors.numpy.load_file(source / SAFETENSORS_NAME)
     config = json.loads((source / "config.json").read_text())
-    safetensors.numpy.save_file(state_edit(state) if state_edit else state, tmp_path / WEIGHTS)
+    edited = state_edit(state) if state_edit else state
+    safetensors.numpy.save_file(edited, tmp_path / SAFETENSORS_NAME)
     (tmp_path / "config.json").write_text(json.dumps({**config, **(config_edit or {})}))
     return tmp_path
 
