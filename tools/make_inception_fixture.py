@@ -73,7 +73,6 @@ def main():
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
     torch.set_num_threads(2)
     net = torch.jit.load(args.weights, map_location="cpu").eval()
     rng = np.random.default_rng(2020)

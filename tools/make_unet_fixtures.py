@@ -21,7 +21,6 @@ import pathlib
 import shutil
 
 import numpy as np
-import safetensors.torch
 import torch
 from diffusers import UNet2DModel
 
@@ -57,8 +56,6 @@ FIXTURE_SPECS = {
             up_block_types=("UpBlock2D", "AttnUpBlock2D"),
         ),
         t=[0, T - 1, 500],
-        num_classes=None,
-        legacy_names=False,
         fmt="safetensors",
     ),
     # 1 level of 64 channels, no down-path res blocks (the middle and 1 up block only),
@@ -77,8 +74,6 @@ FIXTURE_SPECS = {
             num_class_embeds=11,
         ),
         t=[0, T - 1, 250, 731],
-        num_classes=10,
-        legacy_names=True,
         fmt="bin",
     ),
 }
@@ -106,7 +101,6 @@ def make_fixture(name: str, spec: dict, seed: int) -> None:
     out_dir = FIXTURES / f"unet_{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
-    torch.manual_seed(seed)
     model = UNet2DModel(**DDPM_LAYOUT, **spec["model"]).eval()
     randomise(model, torch.Generator().manual_seed(seed))
 
@@ -116,40 +110,36 @@ def make_fixture(name: str, spec: dict, seed: int) -> None:
     x = rng.uniform(-1, 1, (len(t), size, size, in_ch)).astype(np.float32)
     arrays = {"x": x, "t": t}
     class_labels = None
-    if spec["num_classes"] is not None:
+    if "num_class_embeds" in spec["model"]:
+        no_class = spec["model"]["num_class_embeds"] - 1  # the last index: "no class"
         # Includes the last real class and the "no class" index.
-        y = np.asarray([0, spec["num_classes"] - 1, spec["num_classes"], 3], np.int32)[: len(t)]
+        y = np.asarray([0, no_class - 1, no_class, 3], np.int32)[: len(t)]
         arrays["y"] = y
         class_labels = torch.from_numpy(y).long()
-    with torch.no_grad():
-        out = model(
-            torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), class_labels
-        ).sample
-    arrays["out"] = out.permute(0, 2, 3, 1).numpy().astype(np.float32)
 
-    state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    if spec["legacy_names"]:
+    def run(unet: UNet2DModel) -> np.ndarray:
+        with torch.no_grad():
+            out = unet(
+                torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), class_labels
+            ).sample
+        return out.permute(0, 2, 3, 1).numpy().astype(np.float32)
+
+    arrays["out"] = run(model)
+    if spec["fmt"] == "safetensors":  # current attention names
+        model.half().save_pretrained(out_dir, safe_serialization=True)
+    else:  # a torch .bin with the legacy attention names of the released files
+        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
         for new, old in LEGACY.items():
             state = {k.replace(new, old): v for k, v in state.items()}
-    if spec["fmt"] == "safetensors" and not spec["legacy_names"]:
-        model.half().save_pretrained(out_dir, safe_serialization=True)
-    else:
         model.save_config(out_dir)
-        if spec["fmt"] == "safetensors":
-            safetensors.torch.save_file(state, out_dir / "diffusion_pytorch_model.safetensors")
-        else:
-            torch.save(state, out_dir / "diffusion_pytorch_model.bin")
+        torch.save(state, out_dir / "diffusion_pytorch_model.bin")
     np.savez(out_dir / "inputs.npz", **arrays)
 
     # Round trip through diffusers' own loader (which maps legacy names itself).
     reloaded = UNet2DModel.from_pretrained(
         out_dir, torch_dtype=torch.float32, use_safetensors=spec["fmt"] == "safetensors"
     ).eval()
-    with torch.no_grad():
-        again = reloaded(
-            torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t).long(), class_labels
-        ).sample
-    reload_err = (again.permute(0, 2, 3, 1).numpy() - arrays["out"]).max()
+    reload_err = (run(reloaded) - arrays["out"]).max()
     assert abs(reload_err) < 1e-6, f"{name}: reloaded model differs by {reload_err}"
 
     n_params = sum(p.numel() for p in model.parameters())
