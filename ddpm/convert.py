@@ -24,7 +24,7 @@ import numpy as np
 import safetensors.numpy
 from absl import logging
 
-from ddpm import checkpointing
+from ddpm import checkpointing, param_trees
 from ddpm.factories import create_model, create_optimizer, state_from_params
 from ddpm.models.unet import NORM_EPS, NUM_GROUPS, UNet
 
@@ -210,23 +210,10 @@ def convert_state_dict(state: dict[str, np.ndarray], num_levels: int) -> dict[st
             unknown.append(key)
             continue
         leaf, array = _convert_array(layer, param, value)
-        node = params
-        for part in layer.split("/"):
-            node = node.setdefault(part, {})
-        node[leaf] = array
+        param_trees.set_leaf(params, [*layer.split("/"), leaf], array)
     if unknown:
         raise ValueError(f"checkpoint keys with no place in our UNet: {sorted(unknown)}")
     return params
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value.shape)
-    return flat
 
 
 def check_params_match(params: dict[str, Any], unet_kwargs: dict, image_shape: tuple) -> None:
@@ -239,18 +226,7 @@ def check_params_match(params: dict[str, Any], unet_kwargs: dict, image_shape: t
     x = jnp.zeros((1, *image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))
-    want, got = _flatten(dict(expected["params"])), _flatten(params)
-    problems = []
-    if missing := sorted(set(want) - set(got)):
-        problems.append(f"missing from the checkpoint: {missing}")
-    if extra := sorted(set(got) - set(want)):
-        problems.append(f"not in our UNet: {extra}")
-    if bad := [
-        f"{k}: {got[k]} vs {want[k]}" for k in sorted(set(want) & set(got)) if got[k] != want[k]
-    ]:
-        problems.append(f"shape mismatches (checkpoint vs UNet): {bad}")
-    if problems:
-        raise ValueError("converted params do not fit our UNet; " + "; ".join(problems))
+    param_trees.check_fit(params, expected["params"], source="converted params", model="UNet")
 
 
 def _resolve_dir(path: pathlib.Path) -> pathlib.Path:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from ddpm import param_trees
 from ddpm.convert import SAFETENSORS_NAME, from_diffusers, unet_kwargs_from_diffusers_config
 from ddpm.models.unet import UNet
 
@@ -168,6 +169,17 @@ def test_weights_that_do_not_fit_are_reported(tmp_path):
 
     with pytest.raises(ValueError, match=r"no place in our UNet: \['down_blocks.0.extra.weight'\]"):
         from_diffusers(copy_fixture(tmp_path / "extra", add))
+
+
+def test_fit_check_names_extra_leaves_and_caps_long_lists():
+    expected = {f"w{i:02d}": np.zeros(2) for i in range(12)}
+    params = {"extra": {"kernel": np.zeros(1)}}
+    with pytest.raises(ValueError) as error:
+        param_trees.check_fit(params, expected, source="file.pt", model="Net")
+    assert str(error.value) == (
+        "file.pt does not fit the Net; missing from the checkpoint: "
+        f"{[f'w{i:02d}' for i in range(10)]} and 2 more; not in the Net: ['extra/kernel']"
+    )
 
 
 def test_missing_weights_file(tmp_path):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm import torch_pickle
+from ddpm import param_trees, torch_pickle
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -418,10 +418,7 @@ def load_inception_params(weights: str | os.PathLike | None = None, cache_dir=No
             leaf, value = "kernel", value.transpose(2, 3, 1, 0)
         elif leaf == "weight":  # linear [out, in] -> [in, out]
             leaf, value = "kernel", value.T
-        node = params
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = np.asarray(value, np.float32)
+        param_trees.set_leaf(params, [*path, leaf], np.asarray(value, np.float32))
     variables = {"params": params}
     _check_shapes(variables, weights)
     return variables
@@ -440,15 +437,7 @@ def _check_shapes(variables: dict, source: str) -> None:
     )
     dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
     want = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
-    want_shapes = {jax.tree_util.keystr(k): v.shape for k, v in _leaves(want)}
-    got_shapes = {jax.tree_util.keystr(k): v.shape for k, v in _leaves(params)}
-    if want_shapes != got_shapes:
-        diff = sorted(set(want_shapes.items()) ^ set(got_shapes.items()))[:6]
-        raise ValueError(f"{source}: parameters do not match the FID Inception-v3, e.g. {diff}")
-
-
-def _leaves(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+    param_trees.check_fit(params, want, source=source, model="FID Inception-v3")
 
 
 def inception_fn(
