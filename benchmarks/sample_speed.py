@@ -10,7 +10,6 @@ reports seconds per step and the samples/s that the full T-step ancestral chain 
 """
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -21,6 +20,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from train_step import load_config  # noqa: E402
+
 from ddpm import evaluation, factories  # noqa: E402
 
 
@@ -29,11 +30,9 @@ def main():
     parser.add_argument("--config", default="configs/cifar.py")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
-    spec = importlib.util.spec_from_file_location("benchmark_config", REPO / args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config(args.config, tiny=False, dtype=args.dtype)
     config.sampling.update(method="ddpm", num_steps=args.steps)
 
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
