@@ -33,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.attn_resolutions = (16,)  # Feature-map sizes that get self-attention.
     model.dropout = 0.1
     model.resamp_with_conv = True  # Convolutions in down/upsampling (else pooling / plain).
-    model.num_classes = 0  # > 0: class-conditional on the dataset's labels; 0: unconditional.
+    # > 0: class-conditional on the dataset's labels (0..num_classes-1; the index num_classes
+    # is the "no class" label of classifier-free guidance); 0: unconditional.
+    model.num_classes = 0
     model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
 
     diffusion = config.diffusion = ml_collections.ConfigDict()
@@ -54,7 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3  # The newest K periodic checkpoints are kept.
     training.sample_every = 20_000  # A grid of EMA samples to TensorBoard and a PNG.
-    training.num_grid_samples = 64  # 0: no sample grids.
+    training.num_grid_samples = 64  # 0: no sample grids. Conditional: one row per class.
+    # Class-conditional models: the probability that an example's label is replaced by the
+    # null label, so one network also learns the unconditional model that classifier-free
+    # guidance needs (Ho & Salimans 2022 use 0.1-0.2; 0.5 was worse).
+    training.label_dropout = 0.1
 
     optim = config.optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4  # Adam, after a linear warm-up from 0.
@@ -71,6 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.clip_denoised = True  # Clip predicted x_0 to [-1, 1] at every step.
     sampling.num_samples = 64  # --mode=sample writes this many.
     sampling.batch_size = 256  # Global samples per compiled chain.
+    # Classifier-free guidance weight w (Ho & Salimans 2022, eq. 6) for class-conditional
+    # models: eps = (1 + w) eps(x_t, y) - w eps(x_t, null). w = 0 is the plain conditional
+    # model (no unconditional pass). Libraries that speak of a guidance "scale" s (diffusers,
+    # Stable Diffusion: eps_null + s (eps_y - eps_null)) mean s = 1 + w.
+    sampling.guidance_scale = 0.0
+    # Class of each sample of a conditional model: '' balanced (sample i gets class
+    # i mod num_classes), '3,7' those classes repeated in turn, 'null' unconditional.
+    sampling.labels = ""
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.num_samples = 50_000  # FID/IS samples (the paper: 50k against the train set).
@@ -79,4 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.bpd_num_examples = 0  # 0: the whole split.
     evaluation.batch_size = 256
     evaluation.inception_weights = ""  # Path or URL of the FID Inception; empty: default.
+    # FID reference images: 0 all of eval.split, else a fixed random subset of this many.
+    evaluation.num_reference = 0
+    # Class-conditional models: score the samples with a classifier trained once on
+    # data.train_split (cached in the workdir): accuracy against the requested labels.
+    evaluation.class_accuracy = False
     return config

@@ -20,18 +20,56 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm import checkpointing, images, input_pipeline, samplers
+from ddpm import checkpointing, guidance, images, input_pipeline, samplers
 from ddpm import diffusion as D
 from ddpm.factories import create_diffusion, create_model, create_optimizer, create_train_state
-from ddpm.metrics import fid, inception
+from ddpm.metrics import classifier, fid, inception
 
 # fold_in purposes of the run's key, kept apart from training's.
 SAMPLE_PURPOSE, BPD_PURPOSE = 101, 102
 
 
-def denoiser(model, params) -> D.DenoiseFn:
-    """The network in eval mode (no dropout, no class) as a denoise_fn (x_t, t) -> output."""
-    return lambda x, t: model.apply({"params": params}, x, t, None, train=False)
+def denoiser(model, params, labels=None) -> D.DenoiseFn:
+    """The network in eval mode (no dropout) as a denoise_fn (x_t, t) -> output.
+
+    A class-conditional network is told `labels` [B] (None: the null label).
+    """
+    return lambda x, t: model.apply({"params": params}, x, t, labels, train=False)
+
+
+def guided_denoiser(model, params, labels, guidance_scale, mean_channels) -> D.DenoiseFn:
+    """The class-conditional network in eval mode with classifier-free guidance of weight w."""
+    return guidance.guided_denoiser(
+        lambda x, t, y: model.apply({"params": params}, x, t, y, train=False),
+        labels,
+        guidance_scale,
+        null_label=model.num_classes,
+        mean_channels=mean_channels,
+    )
+
+
+def labels_of(config, indices) -> np.ndarray | None:
+    """int32 labels of global sample indices under sampling.labels; None if unconditional."""
+    if not config.model.num_classes:
+        return None
+    return guidance.sample_labels(config.sampling.labels, config.model.num_classes, indices)
+
+
+def check_conditioning(config) -> None:
+    """Guidance settings that the model cannot take: a clear error before anything compiles."""
+    c = config.sampling
+    if config.model.num_classes:
+        guidance.parse_labels(c.labels, config.model.num_classes)
+        return
+    if c.guidance_scale:
+        raise ValueError(
+            f"sampling.guidance_scale={c.guidance_scale} needs a class-conditional model "
+            "(model.num_classes > 0)"
+        )
+    if str(c.labels).strip():
+        raise ValueError(
+            f"sampling.labels={c.labels!r} needs a class-conditional model (model.num_classes > 0)"
+        )
 
 
 def sampling_diffusion(config: ml_collections.ConfigDict) -> D.Diffusion:
@@ -52,17 +90,32 @@ def sampler_name(config) -> str:
     """e.g. 'ddpm1000' or 'ddim50_eta0.0': names the folders that samples are kept in."""
     c = config.sampling
     name = f"{c.method}{c.num_steps or config.diffusion.num_timesteps}"
-    return f"{name}_eta{c.eta}" if c.method == "ddim" else name
+    if c.method == "ddim":
+        name += f"_eta{c.eta}"
+    if config.model.num_classes:
+        labels = str(c.labels).strip()
+        labels = "labels" + labels.replace(",", "-") if labels else "balanced"
+        name += f"_w{float(c.guidance_scale)}_{labels}"
+    return name
 
 
 def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Callable:
-    """(params, keys [N]) -> uint8 samples [N, H, W, C], N spread over the local devices."""
+    """(params, keys [N], labels [N] | None, guidance_scale=None) -> uint8 [N, H, W, C].
+
+    N is spread over the local devices. A class-conditional model samples `labels` (None:
+    the null label) with classifier-free guidance of weight `guidance_scale` (default
+    sampling.guidance_scale), a traced value: another w reuses the compiled chain.
+    """
+    check_conditioning(config)
     d = sampling_diffusion(config)
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     clip = config.sampling.clip_denoised
 
-    def sample(params, keys):
-        denoise_fn = denoiser(model, params)
+    def sample(params, keys, labels, guidance_scale):
+        if model.num_classes:
+            denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1])
+        else:
+            denoise_fn = denoiser(model, params)
         if config.sampling.method == "ddim":
             return samplers.ddim_sample(
                 d, denoise_fn, keys, shape, eta=config.sampling.eta, clip_denoised=clip
@@ -70,14 +123,26 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
         return samplers.ddpm_sample(d, denoise_fn, keys, shape, clip_denoised=clip)
 
     devices = devices or jax.local_devices()
-    p_sample = jax.pmap(sample, in_axes=(None, 0), devices=devices)
+    p_sample = jax.pmap(sample, in_axes=(None, 0, 0, None), devices=devices)
 
-    def run(params, keys):
+    def run(params, keys, labels=None, guidance_scale=None):
+        if labels is not None and not model.num_classes:
+            raise ValueError("labels given, but the model is unconditional (model.num_classes=0)")
+        if guidance_scale is None:
+            guidance_scale = config.sampling.guidance_scale
+        n = len(keys)
+        if labels is None:
+            labels = np.full(n, model.num_classes or 0, np.int32)
         # Pad to a multiple of the device count; samples are per key, so padding and
         # dropping the extras leaves the real ones unchanged.
-        n = len(keys)
-        keys = keys[np.arange(n + -n % len(devices)) % n]
-        out = p_sample(params, keys.reshape(len(devices), -1))
+        index = np.arange(n + -n % len(devices)) % n
+        keys, labels = keys[index], np.asarray(labels, np.int32)[index]
+        out = p_sample(
+            params,
+            keys.reshape(len(devices), -1),
+            labels.reshape(len(devices), -1),
+            np.float32(guidance_scale),
+        )
         return images.to_uint8(out.reshape(-1, *shape)[:n])
 
     return run
@@ -119,7 +184,7 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
         mine = start + jax.process_index() * per_process + np.arange(per_process)
 
         def compute(mine=mine):
-            local = sampler(params, sample_keys(rng, mine))
+            local = sampler(params, sample_keys(rng, mine), labels_of(config, mine))
             return {"images": np.asarray(multihost_utils.process_allgather(local, tiled=True))}
 
         samples = _cached_chunk(pathlib.Path(out_dir) / f"chunk_{c:05d}.npz", compute)["images"]
@@ -165,7 +230,9 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
         list(sample_chunks(config, sampler, params, rng, c.num_samples, out_dir / "chunks"))
     )
     if jax.process_index() == 0:
-        np.savez(out_dir / "samples.npz", images=samples)
+        labels = labels_of(config, np.arange(len(samples)))
+        extra = {} if labels is None else {"labels": labels}
+        np.savez(out_dir / "samples.npz", images=samples, **extra)
         images.save_grid(samples, out_dir / "grid.png")
         logging.info("Wrote %d samples to %s", len(samples), out_dir)
     return samples
@@ -186,25 +253,70 @@ class FeatureExtractor:
         return np.asarray(features), None if logits is None else np.asarray(logits)
 
 
+def _data_name(d: ml_collections.ConfigDict, split: str) -> str:
+    """e.g. 'cifar10_train_32': names what is cached from a data split at a resolution."""
+    source = d.dataset.replace("/", "_") if d.source == "tfds" else pathlib.Path(d.path).name
+    return f"{source}_{split}_{d.image_size}"
+
+
+def reference_subset(config) -> np.ndarray | None:
+    """Sorted positions of the eval.num_reference FID reference images (None: the whole split).
+
+    A fixed random subset (seed 0, whatever config.seed), so FIDs at the same
+    num_reference are computed against the same images.
+    """
+    count = config.eval.num_reference
+    if not count:
+        return None
+    n = input_pipeline.num_examples(config.data, config.eval.split)
+    if count > n:
+        raise ValueError(f"eval.num_reference={count} but split {config.eval.split!r} has {n}")
+    return np.sort(np.random.default_rng(0).permutation(n)[:count])
+
+
 def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
     """Inception (mu, sigma) of the eval.split images, computed once and cached in workdir."""
-    d = config.data
-    source = d.dataset.replace("/", "_") if d.source == "tfds" else pathlib.Path(d.path).name
-    path = pathlib.Path(workdir) / "fid_stats" / f"{source}_{config.eval.split}_{d.image_size}.npz"
+    d, subset = config.data, reference_subset(config)
+    name = _data_name(d, config.eval.split) + (f"_n{len(subset)}" if subset is not None else "")
+    path = pathlib.Path(workdir) / "fid_stats" / f"{name}.npz"
     if path.exists():
         return fid.load_statistics(path)
     stats = fid.RunningStatistics(2048)
+    global_batch = config.eval.batch_size
+    local_batch = global_batch // jax.process_count()
     batches = input_pipeline.create_eval_iter(
-        d, split=config.eval.split, global_batch_size=config.eval.batch_size
+        d, split=config.eval.split, global_batch_size=global_batch
     )
-    for batch in tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index()):
-        real = batch["image"].reshape(-1, *batch["image"].shape[2:])[batch["mask"].reshape(-1)]
-        stats.update(extractor(real)[0])
+    for i, batch in enumerate(
+        tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index())
+    ):
+        keep = batch["mask"].reshape(-1)
+        if subset is not None:  # this process's positions, as create_eval_iter lays them out
+            first = i * global_batch + jax.process_index() * local_batch
+            keep = keep & np.isin(first + np.arange(local_batch), subset)
+        if keep.any():
+            stats.update(extractor(batch["image"].reshape(-1, *batch["image"].shape[2:])[keep])[0])
     mu, sigma = stats.mean_and_covariance()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         fid.save_statistics(path, mu, sigma)
     return mu, sigma
+
+
+def load_or_train_classifier(config, workdir) -> classifier.Scorer:
+    """The class-accuracy classifier of data.train_split, trained once and cached in workdir."""
+    d = config.data
+    if not config.model.num_classes:
+        raise ValueError("eval.class_accuracy needs a class-conditional model (model.num_classes)")
+    path = pathlib.Path(workdir) / "classifier" / f"{_data_name(d, d.train_split)}.msgpack"
+    if path.exists():
+        return classifier.Scorer.load(path, (d.image_size, d.image_size, d.num_channels))
+    examples, labels = input_pipeline.load_examples(d, d.train_split)
+    scorer = classifier.fit_and_hold_out(examples, labels, config.model.num_classes)
+    logging.info("Classifier held-out accuracy %.4f, cached in %s", scorer.held_out_accuracy, path)
+    if jax.process_index() == 0:
+        scorer.save(path)
+    return scorer
 
 
 def make_bpd_fn(config, model, devices=None) -> Callable:
@@ -254,33 +366,50 @@ def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     workdir = pathlib.Path(workdir)
     model, params, step = load_ema_params(config, workdir)
     out_dir = workdir / f"eval_step{step}"
-    results = {"step": step}
+    name = sampler_name(config)
+    results = {"step": step, "sampler": name}
+    if config.model.num_classes:
+        results.update(guidance_scale=config.sampling.guidance_scale, labels=config.sampling.labels)
     if config.eval.num_samples:
         extractor = FeatureExtractor(config.eval.inception_weights, workdir / "inception")
         mu_ref, sigma_ref = reference_statistics(config, extractor, workdir)
-        stats, logits = fid.RunningStatistics(2048), []
+        scorer = load_or_train_classifier(config, workdir) if config.eval.class_accuracy else None
+        stats, logits, predicted = fid.RunningStatistics(2048), [], []
         rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
         chunks = sample_chunks(
             config, make_sampler(config, model), params, rng, config.eval.num_samples,
-            out_dir / f"samples_{sampler_name(config)}",
+            out_dir / f"samples_{name}",
         )  # fmt: skip
         for chunk in chunks:
             features, chunk_logits = extractor(chunk)
             stats.update(features)
             logits.append(chunk_logits)
+            if scorer:
+                predicted.append(scorer.predict(chunk))
         mu, sigma = stats.mean_and_covariance()
         results["fid"] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
         results["fid_num_samples"] = stats.count
         results["fid_reference_split"] = config.eval.split
+        results["fid_num_reference"] = config.eval.num_reference or "all"
         if extractor.has_logits:
             score, spread = fid.inception_score(np.concatenate(logits))
             results.update(inception_score=score, inception_score_std=spread)
+        if scorer:
+            requested = labels_of(config, np.arange(stats.count))
+            overall, per_class = classifier.accuracy(
+                np.concatenate(predicted), requested, config.model.num_classes
+            )
+            results.update(
+                class_accuracy=overall,
+                class_accuracy_per_class=per_class,
+                classifier_held_out_accuracy=scorer.held_out_accuracy,
+            )
     if config.eval.bpd_split:
         results["bpd"], results["bpd_num_examples"] = bits_per_dim(config, model, params, out_dir)
     logging.info("Evaluation at step %d: %s", step, results)
     if jax.process_index() == 0:
-        (workdir / f"eval_step{step}.json").write_text(json.dumps(results, indent=2))
-        with tf.summary.create_file_writer(str(workdir / "eval")).as_default():
+        (workdir / f"eval_step{step}_{name}.json").write_text(json.dumps(results, indent=2))
+        with tf.summary.create_file_writer(str(workdir / "eval" / name)).as_default():
             for name, value in results.items():
                 if isinstance(value, float):
                     tf.summary.scalar(name, value, step=step)

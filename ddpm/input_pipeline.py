@@ -52,11 +52,23 @@ _Loader = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 class _Source:
     """Random access to N examples, already resized to [S, S, C] uint8."""
 
-    def __init__(self, num_examples: int, load: _Loader, find_unreadable=None):
-        self.num_examples = num_examples
+    def __init__(self, load: _Loader, labels: np.ndarray, describe, find_unreadable=None):
+        self.num_examples = len(labels)
         self.load = load
+        self.labels = labels  # int [N], on the host: checked before anything is decoded
+        self.describe = describe  # index -> how a user finds the example ("file ...")
         # indices -> message naming a file that does not decode, or None.
         self.find_unreadable = find_unreadable or (lambda indices: None)
+
+    def check_labels(self, num_classes: int) -> None:
+        """Raises a ValueError naming the first example whose label is not in [0, num_classes)."""
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
+        if bad.size:
+            raise ValueError(
+                f"{bad.size} of {self.num_examples} examples have labels outside [0, {num_classes})"
+                f" (model.num_classes={num_classes}); the first is {self.describe(bad[0])} with "
+                f"label {self.labels[bad[0]]}. Set model.num_classes to the number of classes."
+            )
 
 
 # ---------------------------------------------------------------------------- images
@@ -153,7 +165,7 @@ def _folder_source(data: ml_collections.ConfigDict) -> _Source:
                 return f"Cannot decode image file {paths[index]!r}: {error.message}"
         return None
 
-    return _Source(len(paths), load, find_unreadable)
+    return _Source(load, np.asarray(labels), lambda i: f"file {paths[i]!r}", find_unreadable)
 
 
 def _tfds_builder(data: ml_collections.ConfigDict):
@@ -208,7 +220,11 @@ def _tfds_source(data: ml_collections.ConfigDict, split: str) -> _Source:
     images, labels = _load_tfds_split(data, split)
     # Captured by reference in the tf.data graph (no second copy is kept).
     images_t, labels_t = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
-    return _Source(len(labels), lambda index: (images_t[index], labels_t[index]))
+    return _Source(
+        lambda index: (images_t[index], labels_t[index]),
+        labels,
+        lambda index: f"example {index} of tfds split {data.dataset}:{split}",
+    )
 
 
 def _check_data(data: ml_collections.ConfigDict) -> None:
@@ -322,8 +338,12 @@ def create_train_iter(
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
+    num_classes: int = 0,
 ) -> Iterator[dict]:
     """Infinite training batches from `data.train_split`, starting at step `start_step`.
+
+    With num_classes > 0 every label must be in [0, num_classes), else a ValueError names
+    the first file or example that is not.
 
     Yields {'image': uint8 [D, B, S, S, C], 'label': int32 [D, B]} with D the local device
     count (default jax.local_device_count()) and B = global_batch_size / (process_count *
@@ -334,6 +354,8 @@ def create_train_iter(
         global_batch_size, process_index, process_count, local_device_count
     )
     source = _make_source(data, data.train_split)
+    if num_classes:
+        source.check_labels(num_classes)
     train_order = _TrainOrder(seed, source.num_examples)
     random_flip = bool(data.random_flip)
     offset = process_index * local_batch
@@ -404,3 +426,22 @@ def create_eval_iter(
     dataset = tf.data.Dataset.range(num_batches * local_batch)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _batches(dataset, source, devices, per_device, indices_of_batch)
+
+
+def load_examples(
+    data: ml_collections.ConfigDict, split: str, *, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """All of `split` on this host, in stored order: uint8 images [N, S, S, C], int32 labels [N].
+
+    For data sets that fit in memory (a classifier's training set, a small FID reference).
+    """
+    batches = create_eval_iter(
+        data, split=split, global_batch_size=batch_size, process_index=0, process_count=1,
+        local_device_count=1,
+    )  # fmt: skip
+    found, labels = [], []
+    for batch in batches:
+        mask = batch["mask"].reshape(-1)
+        found.append(batch["image"].reshape(-1, *batch["image"].shape[2:])[mask])
+        labels.append(batch["label"].reshape(-1)[mask])
+    return np.concatenate(found), np.concatenate(labels)

@@ -32,14 +32,32 @@ from ddpm.factories import (
     state_from_params,
 )
 
+# fold_in purpose of the step's key for label dropout.
+LABEL_DROPOUT_PURPOSE = 3
 
-def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay):
+
+def drop_labels(labels, rng, global_index, *, rate: float, null_label: int):
+    """Labels [b] with each replaced by `null_label` with probability `rate`.
+
+    Example i's draw comes from fold_in(rng, global index i), like its t and noise, so the
+    choice does not depend on how the batch is split over devices.
+    """
+    keys = evaluation.sample_keys(rng, global_index)
+    dropped = jax.vmap(lambda k: jax.random.bernoulli(k, rate))(keys)
+    return jnp.where(dropped, null_label, labels)
+
+
+def train_step(
+    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, label_dropout=0.0
+):
     """One update on this device's share of the global batch (run under pmap 'batch').
 
     Args:
       state: the replicated TrainState.
       batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]}, this device's share.
       rng: the run's key; folded with the step, and per example with its global index.
+      label_dropout: for a class-conditional model, the probability of training an
+        example with the null label (classifier-free guidance).
     Returns:
       (new state, metrics averaged over all devices).
     """
@@ -54,7 +72,14 @@ def train_step(state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay
     noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
         evaluation.sample_keys(noise_rng, global_index)
     )
-    labels = batch["label"] if model.num_classes else None
+    labels = None
+    if model.num_classes:
+        # Its own stream: fold_in leaves the t, noise and dropout keys as they were.
+        label_rng = jax.random.fold_in(step_rng, LABEL_DROPOUT_PURPOSE)
+        null = model.num_classes
+        labels = drop_labels(
+            batch["label"], label_rng, global_index, rate=label_dropout, null_label=null
+        )
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index("batch"))
 
     def loss_fn(params):
@@ -96,7 +121,12 @@ def replicated(tree, devices=None):
 def make_train_step(config, model, diffusion, tx, devices=None):
     """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics)."""
     step = functools.partial(
-        train_step, model=model, diffusion=diffusion, tx=tx, ema_decay=config.training.ema_decay
+        train_step,
+        model=model,
+        diffusion=diffusion,
+        tx=tx,
+        ema_decay=config.training.ema_decay,
+        label_dropout=config.training.label_dropout,
     )
     return jax.pmap(
         step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices
@@ -155,6 +185,10 @@ def check_finite(metrics, step, last_step):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state."""
+    if not 0.0 <= config.training.label_dropout <= 1.0:
+        raise ValueError(
+            f"training.label_dropout must be in [0, 1], got {config.training.label_dropout}"
+        )
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -175,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         global_batch_size=config.training.batch_size,
         seed=config.seed,
         start_step=start_step,
+        num_classes=config.model.num_classes,
     )
     state = checkpointing.restore_or_initialize(
         checkpointer,
@@ -217,13 +252,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
+def grid_labels(num_samples: int, num_classes: int) -> tuple[np.ndarray | None, int | None]:
+    """(labels, columns) of a sample grid: one row per class, or (None, None) unconditional."""
+    if not num_classes:
+        return None, None
+    per_class = max(1, num_samples // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
+
+
 def write_sample_grid(config, sampler, state, rng, step, workdir, logger):
-    """EMA samples (the configured sampler) as samples/step_<step>.png and a TensorBoard image."""
-    keys = evaluation.sample_keys(
-        jax.random.fold_in(rng, step), jnp.arange(config.training.num_grid_samples)
-    )
-    samples = sampler(state.ema_params, keys)
+    """EMA samples (the configured sampler) as samples/step_<step>.png and a TensorBoard image.
+
+    A class-conditional model's grid has one row per class, at sampling.guidance_scale.
+    """
+    labels, columns = grid_labels(config.training.num_grid_samples, config.model.num_classes)
+    num_samples = config.training.num_grid_samples if labels is None else len(labels)
+    keys = evaluation.sample_keys(jax.random.fold_in(rng, step), jnp.arange(num_samples))
+    samples = sampler(state.ema_params, keys, labels)
     if jax.process_index() == 0:
-        grid = images.save_grid(samples, workdir / "samples" / f"step_{step:08d}.png")
-        logger.image(step, "samples", grid)
+        path = workdir / "samples" / f"step_{step:08d}.png"
+        logger.image(step, "samples", images.save_grid(samples, path, columns=columns))
     logging.info("Wrote a grid of %d samples at step %d", len(samples), step)

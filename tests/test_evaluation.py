@@ -101,7 +101,7 @@ def test_eval_bits_per_dim_equals_calc_bpd_loop_called_directly(workdir):
     assert results["bpd_num_examples"] == len(direct) == 40
     np.testing.assert_allclose(results["bpd"], direct.mean(), rtol=1e-5)
     assert 0 < results["bpd"] < 100
-    saved = json.loads((workdir / "eval_step7.json").read_text())
+    saved = json.loads((workdir / f"eval_step7_{evaluation.sampler_name(config)}.json").read_text())
     assert saved == results and saved["step"] == 7
 
 
