@@ -1,5 +1,7 @@
 """Classifier-free guidance: the guided prediction, samplers with labels, label dropout."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +206,13 @@ def test_grid_has_one_row_per_class():
     np.testing.assert_array_equal(labels.reshape(10, 6), np.repeat(np.arange(10), 6).reshape(10, 6))
     assert train.grid_labels(64, 0) == (None, None)
     assert train.grid_labels(4, 10)[1] == 1  # at least one sample per class
+
+
+@pytest.mark.parametrize("name", ["mnist_cond", "cifar_cond"])
+def test_conditional_configs_describe_a_guided_model(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.model.num_classes == 10 and config.training.label_dropout == 0.1
+    evaluation.check_conditioning(config)
+    assert train.grid_labels(config.training.num_grid_samples, 10)[1] * 10 == (
+        config.training.num_grid_samples
+    )
