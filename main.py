@@ -8,7 +8,7 @@ accelerators, and hands over to the library. Any config field can be overridden:
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "convert")
+MODES = ("train", "sample", "eval", "inpaint", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -38,7 +38,7 @@ def main(argv):
         jax.local_devices(),
     )
 
-    from ddpm import convert, evaluation, train
+    from ddpm import convert, evaluation, inpaint_job, train
 
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
@@ -46,6 +46,8 @@ def main(argv):
         evaluation.sample(config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
         evaluation.evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "inpaint":
+        inpaint_job.inpaint(config, FLAGS.workdir)
     else:
         if not FLAGS.source:
             raise app.UsageError("--mode=convert needs --source=DIR (a diffusers UNet2DModel)")

@@ -98,4 +98,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Class-conditional models: score the samples with a classifier trained once on
     # data.train_split (cached in the workdir): accuracy against the requested labels.
     evaluation.class_accuracy = False
+
+    # --mode=inpaint (ddpm/inpainting.py): fill masked regions of real images. The reverse
+    # step is sampling.method's (with sampling.eta and sampling.clip_denoised).
+    inpaint = config.inpaint = ml_collections.ConfigDict()
+    inpaint.source = ""  # A folder of images; empty: data's split inpaint.split.
+    inpaint.split = "test"  # The split of `data` when source is empty (a folder has one).
+    # bottom_half / center / lines / strokes, or a folder of mask PNGs (white = known).
+    inpaint.mask = "center"
+    inpaint.method = "repaint"  # 'repaint' (Lugmayr et al. 2022) or 'replace' (the baseline).
+    inpaint.num_steps = 250  # The chain is respaced to this many steps (RePaint: 250).
+    inpaint.jump_length = 10  # RePaint's j: steps back up at each jump.
+    inpaint.jump_n_sample = 10  # RePaint's r: passes through each stretch (1: no resampling).
+    inpaint.num_images = 16  # Images of the source (a fixed random subset if it has more).
     return config

@@ -72,12 +72,16 @@ def check_conditioning(config) -> None:
         )
 
 
-def sampling_diffusion(config: ml_collections.ConfigDict) -> D.Diffusion:
-    """The diffusion the sampler walks: all T steps, or a respaced subset of them."""
+def sampling_diffusion(config, num_steps_field: str = "sampling.num_steps") -> D.Diffusion:
+    """The diffusion the sampler walks: all T steps, or a respaced subset of them.
+
+    The chain's length is the config field `num_steps_field` (0 means all T).
+    """
     c, T = config.sampling, config.diffusion.num_timesteps
-    num_steps = c.num_steps or T
+    section, field = num_steps_field.split(".")
+    num_steps = config[section][field] or T
     if not 1 <= num_steps <= T:
-        raise ValueError(f"sampling.num_steps must be in [1, {T}] (or 0 for all), got {num_steps}")
+        raise ValueError(f"{num_steps_field} must be in [1, {T}] (or 0 for all), got {num_steps}")
     if c.method == "ddim":
         return create_diffusion(config, use_timesteps=samplers.ddim_timesteps(T, num_steps))
     if c.method == "ddpm":
@@ -99,6 +103,32 @@ def sampler_name(config) -> str:
     return name
 
 
+def over_devices(fn: Callable, num_replicated: int, devices=None) -> Callable:
+    """fn pmapped over devices; the result takes per-example arrays [n, ...] of any n.
+
+    The first `num_replicated` arguments go to every device whole; the others are split
+    over the devices along their first axis, after padding n to a multiple of the device
+    count by repeating examples. Work is per example, so padding and dropping the extras
+    leaves the real results unchanged. Returns fn's output [n, ...].
+    """
+    devices = devices or jax.local_devices()
+    mapped = None
+
+    def run(*args):
+        nonlocal mapped
+        if mapped is None:
+            in_axes = (None,) * num_replicated + (0,) * (len(args) - num_replicated)
+            mapped = jax.pmap(fn, in_axes=in_axes, devices=devices)
+        per_example = args[num_replicated:]
+        n = len(per_example[0])
+        index = np.arange(n + -n % len(devices)) % n
+        split = [a[index].reshape(len(devices), -1, *a.shape[1:]) for a in per_example]
+        out = mapped(*args[:num_replicated], *split)
+        return out.reshape(-1, *out.shape[2:])[:n]
+
+    return run
+
+
 def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Callable:
     """(params, keys [N], labels [N] | None, guidance_scale=None) -> uint8 [N, H, W, C].
 
@@ -111,7 +141,7 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     clip = config.sampling.clip_denoised
 
-    def sample(params, keys, labels, guidance_scale):
+    def sample(params, guidance_scale, keys, labels):
         if model.num_classes:
             denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1])
         else:
@@ -122,28 +152,17 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
             )
         return samplers.ddpm_sample(d, denoise_fn, keys, shape, clip_denoised=clip)
 
-    devices = devices or jax.local_devices()
-    p_sample = jax.pmap(sample, in_axes=(None, 0, 0, None), devices=devices)
+    mapped = over_devices(sample, num_replicated=2, devices=devices)
 
     def run(params, keys, labels=None, guidance_scale=None):
         if labels is not None and not model.num_classes:
             raise ValueError("labels given, but the model is unconditional (model.num_classes=0)")
         if guidance_scale is None:
             guidance_scale = config.sampling.guidance_scale
-        n = len(keys)
         if labels is None:
-            labels = np.full(n, model.num_classes or 0, np.int32)
-        # Pad to a multiple of the device count; samples are per key, so padding and
-        # dropping the extras leaves the real ones unchanged.
-        index = np.arange(n + -n % len(devices)) % n
-        keys, labels = keys[index], np.asarray(labels, np.int32)[index]
-        out = p_sample(
-            params,
-            keys.reshape(len(devices), -1),
-            labels.reshape(len(devices), -1),
-            np.float32(guidance_scale),
-        )
-        return images.to_uint8(out.reshape(-1, *shape)[:n])
+            labels = np.full(len(keys), model.num_classes or 0, np.int32)
+        out = mapped(params, np.float32(guidance_scale), keys, np.asarray(labels, np.int32))
+        return images.to_uint8(out)
 
     return run
 
@@ -167,10 +186,12 @@ def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
     return result
 
 
-def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterator[np.ndarray]:
-    """Yields uint8 samples [chunk, H, W, C] for indices 0..num_samples-1, chunk by chunk.
+def chunks(config, draw: Callable, num: int, out_dir, desc: str = "sampling") -> Iterator:
+    """Yields draw(indices) [chunk, ...] for global indices 0..num-1, chunk by chunk.
 
-    Each process draws its share of a chunk; the chunk is gathered on every process.
+    Chunks hold sampling.batch_size indices; each process draws its share of a chunk
+    (`draw` takes this process's indices and returns a uint8 array for them), the chunk
+    is gathered on every process and cached in out_dir, so a rerun resumes.
     """
     chunk = config.sampling.batch_size
     if chunk % jax.device_count():
@@ -178,17 +199,27 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
             f"sampling.batch_size={chunk} must be a multiple of the {jax.device_count()} devices"
         )
     per_process = chunk // jax.process_count()
-    num_chunks = -(-num_samples // chunk)
-    for c in tqdm.trange(num_chunks, desc="sampling", disable=jax.process_index() != 0):
+    num_chunks = -(-num // chunk)
+    for c in tqdm.trange(num_chunks, desc=desc, disable=jax.process_index() != 0):
         start = c * chunk
-        mine = start + jax.process_index() * per_process + np.arange(per_process)
+        # Indices past `num` (in the last chunk) are drawn from valid ones and dropped.
+        mine = (start + jax.process_index() * per_process + np.arange(per_process)) % num
 
         def compute(mine=mine):
-            local = sampler(params, sample_keys(rng, mine), labels_of(config, mine))
+            local = draw(mine)
             return {"images": np.asarray(multihost_utils.process_allgather(local, tiled=True))}
 
-        samples = _cached_chunk(pathlib.Path(out_dir) / f"chunk_{c:05d}.npz", compute)["images"]
-        yield samples[: min(chunk, num_samples - start)]
+        result = _cached_chunk(pathlib.Path(out_dir) / f"chunk_{c:05d}.npz", compute)["images"]
+        yield result[: min(chunk, num - start)]
+
+
+def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterator[np.ndarray]:
+    """Yields uint8 samples [chunk, H, W, C] for indices 0..num_samples-1, chunk by chunk."""
+
+    def draw(mine):
+        return sampler(params, sample_keys(rng, mine), labels_of(config, mine))
+
+    return chunks(config, draw, num_samples, out_dir)
 
 
 def restore_train_state(config, workdir):
@@ -303,16 +334,20 @@ def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
     return mu, sigma
 
 
-def load_or_train_classifier(config, workdir) -> classifier.Scorer:
-    """The class-accuracy classifier of data.train_split, trained once and cached in workdir."""
+def load_or_train_classifier(config, workdir, num_classes=None) -> classifier.Scorer:
+    """The classifier of data.train_split's labels, trained once and cached in workdir.
+
+    num_classes defaults to the model's (class accuracy of a conditional model).
+    """
     d = config.data
-    if not config.model.num_classes:
+    num_classes = num_classes or config.model.num_classes
+    if not num_classes:
         raise ValueError("eval.class_accuracy needs a class-conditional model (model.num_classes)")
     path = pathlib.Path(workdir) / "classifier" / f"{_data_name(d, d.train_split)}.msgpack"
     if path.exists():
         return classifier.Scorer.load(path, (d.image_size, d.image_size, d.num_channels))
     examples, labels = input_pipeline.load_examples(d, d.train_split)
-    scorer = classifier.fit_and_hold_out(examples, labels, config.model.num_classes)
+    scorer = classifier.fit_and_hold_out(examples, labels, num_classes)
     logging.info("Classifier held-out accuracy %.4f, cached in %s", scorer.held_out_accuracy, path)
     if jax.process_index() == 0:
         scorer.save(path)

@@ -22,19 +22,30 @@ from ddpm import diffusion as D
 StepFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def _normal_per_example(keys, shape, data):
+def normal_per_example(keys, shape, data):
     """Standard normal noise [B, *shape], row i drawn from fold_in(keys[i], data)."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, data), shape))(keys)
 
 
 def start_noise(d: D.Diffusion, keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """The chain's starting noise [B, *shape]: row i from fold_in(keys[i], T)."""
-    return _normal_per_example(keys, shape, d.num_timesteps)
+    return normal_per_example(keys, shape, d.num_timesteps)
 
 
 def _ancestral_step(d: D.Diffusion, denoise_fn: D.DenoiseFn, clip_denoised: bool) -> StepFn:
     """Algorithm 2's step, x_{t-1} = mu_theta(x_t, t) + sigma_t z (`diffusion.p_sample`)."""
     return lambda x, t, noise: D.p_sample(d, denoise_fn, x, t, noise, clip_denoised=clip_denoised)
+
+
+def reverse_step(
+    d: D.Diffusion, denoise_fn: D.DenoiseFn, method: str, *, eta=0.0, clip_denoised: bool = True
+) -> StepFn:
+    """The reverse step of `method`: 'ddpm' (Algorithm 2) or 'ddim' (eq. 12 with this eta)."""
+    if method == "ddpm":
+        return _ancestral_step(d, denoise_fn, clip_denoised)
+    if method == "ddim":
+        return _ddim_step(d, denoise_fn, eta, clip_denoised)
+    raise ValueError(f"sampling.method must be 'ddpm' or 'ddim', got {method!r}")
 
 
 def _x0_and_eps(d: D.Diffusion, denoise_fn: D.DenoiseFn, x, t, clip_denoised: bool):
@@ -83,7 +94,7 @@ def _run_chain(step: StepFn, keys, x_t, t_start, *, noisy: bool = True, every: i
     def body(i, carry):
         x, record = carry
         t = t_start - i
-        noise = _normal_per_example(keys, x.shape[1:], t) if noisy else jnp.zeros_like(x)
+        noise = normal_per_example(keys, x.shape[1:], t) if noisy else jnp.zeros_like(x)
         x, pred_xstart = step(x, jnp.full(x.shape[:1], t, jnp.int32), noise)
         if every:
             slot = num_records - 1 - t // every

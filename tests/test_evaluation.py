@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 import tiny
 from PIL import Image
 
-from ddpm import checkpointing, evaluation, factories, images
 from ddpm import diffusion as D
+from ddpm import evaluation, factories, images
 
 
 def tiny_config():
@@ -24,22 +24,10 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A checkpoint of a random model whose output layer is not zero (so outputs vary).
-
-    Shared by the module's tests: each writes its outputs under its own name.
-    """
+    """A checkpoint of a random model, shared by the module's tests: each writes its
+    outputs under its own name."""
     tmp_path = tmp_path_factory.mktemp("workdir")
-    config = tiny_config()
-    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(state.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
-    checkpointer = checkpointing.Checkpointer(tmp_path)
-    checkpointer.save(7, factories.state_from_params(params, tx), force=True)
-    checkpointer.close()
+    tiny.write_random_checkpoint(tiny_config(), tmp_path)
     return tmp_path
 
 

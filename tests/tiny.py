@@ -1,6 +1,9 @@
 """The tiny model that the train and eval tests run: 8x8 images, two levels, T = 10."""
 
+import jax
+
 from configs import default
+from ddpm import checkpointing, factories
 
 # Dotted config overrides: applied by tiny_config, and passed as --config.<key>=<value>
 # flags when a test runs main.py, so the two always describe the same run.
@@ -39,3 +42,18 @@ def flags(overrides=None) -> list[str]:
         f"--config.{key}={str(value).replace(' ', '')}"
         for key, value in {**TINY, **(overrides or {})}.items()
     ]
+
+
+def write_random_checkpoint(config, workdir, step: int = 7) -> None:
+    """A checkpoint at `step` of a random model whose output layer is not zero (so
+    outputs vary with the input): what the sample, eval and inpaint tests load."""
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    leaves, tree = jax.tree.flatten(state.params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+    checkpointer = checkpointing.Checkpointer(workdir)
+    checkpointer.save(step, factories.state_from_params(params, tx), force=True)
+    checkpointer.close()
