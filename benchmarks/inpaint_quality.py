@@ -84,11 +84,10 @@ def main():
             for cached in workdir.glob(inpaint_job.output_dir(config, workdir, "*").name):
                 shutil.rmtree(cached)  # any step's: time the work, not a cache
             out, seconds = timed(lambda: inpaint_job.inpaint(config, workdir))
-            unknown = out["masks"][..., 0] == 0
-            error = (out["results"].astype(np.float64) - out["originals"]) / 255.0
+            mse = inpaint_job.filled_mse(out["originals"], out["masks"], out["results"])
             rows.append({
                 "mask": kind, "method": method, "accuracy": accuracy(out["results"]),
-                "mse_filled": float(np.mean(error[unknown] ** 2)),
+                "mse_filled": mse,
                 "s_per_image": seconds / len(originals),
             })  # fmt: skip
             print(rows[-1], flush=True)

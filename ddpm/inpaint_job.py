@@ -102,6 +102,12 @@ def save_grid(originals, mask, results, path) -> None:
     images.save_grid(triplets.reshape(-1, *originals.shape[1:]), path, columns=columns)
 
 
+def filled_mse(originals, mask, results) -> float:
+    """Mean squared error over the filled (mask 0) pixels, with pixels in [0, 1]."""
+    error = (results.astype(np.float64) - originals) / 255.0
+    return float(np.mean(error[mask[..., 0] == 0] ** 2))
+
+
 def inpaint(config: ml_collections.ConfigDict, workdir) -> dict:
     """--mode=inpaint: writes inpainted.npz and grid.png; returns the npz's arrays."""
     times = check_config(config)
@@ -119,9 +125,7 @@ def inpaint(config: ml_collections.ConfigDict, workdir) -> dict:
     results = np.concatenate(
         list(evaluation.chunks(config, draw, len(originals), out_dir / "chunks", "inpainting"))
     )
-    unknown = mask[..., 0] == 0
-    error = (results.astype(np.float64) - originals) / 255.0
-    mse = float(np.mean(error[unknown] ** 2))
+    mse = filled_mse(originals, mask, results)
     out = {"positions": positions, "originals": originals, "masks": mask.astype(np.uint8),
            "results": results, "labels": labels}  # fmt: skip
     if jax.process_index() == 0:
