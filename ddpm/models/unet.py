@@ -31,33 +31,43 @@ NUM_GROUPS = 32
 NORM_EPS = 1e-6
 
 
-def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """Sinusoidal embedding of timesteps, as in the official DDPM code.
+def timestep_embedding(
+    t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 1.0
+) -> jax.Array:
+    """Sinusoidal embedding of timesteps.
+
+    The defaults are the official DDPM code's; diffusers' `Timesteps(dim, flip_sin_to_cos,
+    downscale_freq_shift)` is the same function (latent diffusion: flip True, shift 0).
 
     Args:
       t: [B] timesteps (integers, or floats for respaced/continuous times).
       dim: embedding size (even, >= 4).
+      flip_sin_to_cos: [cos, sin] instead of [sin, cos].
+      freq_shift: the frequencies are f_i = exp(-ln(10000) * i / (dim/2 - freq_shift)).
 
     Returns:
-      [B, dim] float32: [sin(t * f_i), cos(t * f_i)] with
-      f_i = exp(-ln(10000) * i / (dim/2 - 1)), i = 0 .. dim/2 - 1.
+      [B, dim] float32: [sin(t * f_i), cos(t * f_i)], i = 0 .. dim/2 - 1 (or flipped).
     """
     if dim % 2 != 0 or dim < 4:
         raise ValueError(f"timestep embedding size must be even and >= 4, got {dim}")
     half_dim = dim // 2
-    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * -(math.log(10000.0) / (half_dim - 1)))
+    exponent = -math.log(10000.0) / (half_dim - freq_shift)
+    freqs = jnp.exp(jnp.arange(half_dim, dtype=jnp.float32) * exponent)
     args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None, :]
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+    parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    return jnp.concatenate(parts, axis=1)
 
 
-def _norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+def group_norm(
+    name: str, dtype: Dtype, param_dtype: Dtype, num_groups: int = NUM_GROUPS, eps=NORM_EPS
+) -> nn.GroupNorm:
     # Flax computes the group statistics in float32 even when dtype is bf16.
     return nn.GroupNorm(
-        num_groups=NUM_GROUPS, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype, name=name
+        num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name
     )
 
 
-def _conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="SAME", init=None):
+def conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="SAME", init=None):
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -70,7 +80,7 @@ def _conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="S
     )
 
 
-def _dense(features, name, dtype, param_dtype, *, init=None):
+def dense(features, name, dtype, param_dtype, *, init=None):
     return nn.Dense(
         features, kernel_init=init or default_init, dtype=dtype, param_dtype=param_dtype, name=name
     )
@@ -79,27 +89,31 @@ def _dense(features, name, dtype, param_dtype, *, init=None):
 class ResnetBlock(nn.Module):
     """norm, swish, conv3x3, + Dense(swish(temb)), norm, swish, dropout, conv3x3, + skip.
 
-    x: [B, H, W, C_in], temb: [B, 4ch] -> [B, H, W, out_ch].
+    x: [B, H, W, C_in], temb: [B, D] or None (no time input: the autoencoder's blocks)
+    -> [B, H, W, out_ch]. diffusers' ResnetBlock2D is the same block.
     """
 
     out_ch: int
     dropout: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_groups: int = NUM_GROUPS
+    norm_eps: float = NORM_EPS
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
-        h = nn.swish(_norm("norm_0", dt, pdt)(x))
-        h = _conv(self.out_ch, "conv_0", dt, pdt)(h)
-        h = h + _dense(self.out_ch, "temb_proj", dt, pdt)(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_norm("norm_1", dt, pdt)(h))
+    def __call__(self, x: jax.Array, temb: jax.Array | None, *, train: bool) -> jax.Array:
+        dt, pdt, groups, eps = self.dtype, self.param_dtype, self.num_groups, self.norm_eps
+        h = nn.swish(group_norm("norm_0", dt, pdt, groups, eps)(x))
+        h = conv(self.out_ch, "conv_0", dt, pdt)(h)
+        if temb is not None:
+            h = h + dense(self.out_ch, "temb_proj", dt, pdt)(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(group_norm("norm_1", dt, pdt, groups, eps)(h))
         if self.dropout > 0.0:
             h = nn.Dropout(self.dropout)(h, deterministic=not train)
         # Zero init: every block starts as the identity, which keeps the deep net trainable.
-        h = _conv(self.out_ch, "conv_1", dt, pdt, init=zeros)(h)
+        h = conv(self.out_ch, "conv_1", dt, pdt, init=zeros)(h)
         if x.shape[-1] != self.out_ch:
-            x = _conv(self.out_ch, "shortcut", dt, pdt, kernel=1)(x)
+            x = conv(self.out_ch, "shortcut", dt, pdt, kernel=1)(x)
         return x + h
 
 
@@ -112,37 +126,45 @@ class AttnBlock(nn.Module):
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    num_groups: int = NUM_GROUPS
+    norm_eps: float = NORM_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
         dt, pdt = self.dtype, self.param_dtype
-        h = _norm("norm", dt, pdt)(x).reshape(batch, height * width, channels)
-        q, k, v = (_dense(channels, name, dt, pdt)(h) for name in ("q", "k", "v"))
+        h = group_norm("norm", dt, pdt, self.num_groups, self.norm_eps)(x)
+        h = h.reshape(batch, height * width, channels)
+        q, k, v = (dense(channels, name, dt, pdt)(h) for name in ("q", "k", "v"))
         # Logits and softmax in float32: under bf16 compute the row sums over up to
         # 256 positions (16x16) would otherwise lose most of their precision.
         logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(logits * (channels**-0.5), axis=-1)
         h = jnp.einsum("bij,bjc->bic", weights.astype(v.dtype), v)
-        h = _dense(channels, "proj_out", dt, pdt, init=zeros)(h)
+        h = dense(channels, "proj_out", dt, pdt, init=zeros)(h)
         return x + h.reshape(batch, height, width, channels)
 
 
 class Downsample(nn.Module):
-    """Halve H and W: conv3x3 with stride 2, or 2x2 average pooling. [B,H,W,C] -> [B,H/2,W/2,C]."""
+    """Halve H and W: conv3x3 with stride 2, or 2x2 average pooling. [B,H,W,C] -> [B,H/2,W/2,C].
+
+    pad_after_only: pad one pixel after only (TF 'SAME' for a 3x3 stride-2 conv on an
+    even size: DDPM, and diffusers' autoencoder), else one on each side (diffusers'
+    UNet2DConditionModel, downsample_padding=1). The two sample different grids, so
+    released weights need the one they were trained with.
+    """
 
     with_conv: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    pad_after_only: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
-        # TF 'SAME' for a 3x3 stride-2 conv on an even size pads one pixel after only;
-        # symmetric padding would shift the sampling grid and break released weights.
-        padding = ((0, 1), (0, 1))
-        return _conv(x.shape[-1], "conv", self.dtype, self.param_dtype, strides=2, padding=padding)(
+        padding = ((0, 1), (0, 1)) if self.pad_after_only else ((1, 1), (1, 1))
+        return conv(x.shape[-1], "conv", self.dtype, self.param_dtype, strides=2, padding=padding)(
             x
         )
 
@@ -158,7 +180,7 @@ class Upsample(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = _conv(x.shape[-1], "conv", self.dtype, self.param_dtype)(x)
+            x = conv(x.shape[-1], "conv", self.dtype, self.param_dtype)(x)
         return x
 
 
@@ -233,8 +255,8 @@ class UNet(nn.Module):
         dt, pdt = self.dtype, self.param_dtype
         num_levels = len(self.ch_mult)
         temb = timestep_embedding(t, self.ch)
-        temb = _dense(4 * self.ch, "temb_dense_0", dt, pdt)(temb)
-        temb = _dense(4 * self.ch, "temb_dense_1", dt, pdt)(nn.swish(temb))
+        temb = dense(4 * self.ch, "temb_dense_0", dt, pdt)(temb)
+        temb = dense(4 * self.ch, "temb_dense_1", dt, pdt)(nn.swish(temb))
         if self.num_classes is not None:
             if y is None:
                 y = jnp.full(x.shape[:1], self.num_classes, jnp.int32)
@@ -251,7 +273,7 @@ class UNet(nn.Module):
             return AttnBlock(dt, pdt, name=name)(h) if h.shape[1] in self.attn_resolutions else h
 
         # Down path; `skips` collects every intermediate for the up path.
-        h = _conv(self.ch, "conv_in", dt, pdt)(x.astype(dt))
+        h = conv(self.ch, "conv_in", dt, pdt)(x.astype(dt))
         skips = [h]
         for level in range(num_levels):
             for i in range(self.num_res_blocks):
@@ -276,7 +298,7 @@ class UNet(nn.Module):
                 h = Upsample(self.resamp_with_conv, dt, pdt, name=f"up_{level}_upsample")(h)
         assert not skips
 
-        h = nn.swish(_norm("norm_out", dt, pdt)(h))
+        h = nn.swish(group_norm("norm_out", dt, pdt)(h))
         # Zero init: the untrained model predicts eps = 0 rather than noise of random scale.
-        h = _conv(self.out_channels, "conv_out", dt, pdt, init=zeros)(h)
+        h = conv(self.out_channels, "conv_out", dt, pdt, init=zeros)(h)
         return h.astype(jnp.float32)
