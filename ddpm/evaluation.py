@@ -42,8 +42,8 @@ def guided_denoiser(model, params, labels, guidance_scale, mean_channels) -> D.D
     return guidance.guided_denoiser(
         lambda x, t, y: model.apply({"params": params}, x, t, y, train=False),
         labels,
+        jnp.full_like(labels, model.num_classes),
         guidance_scale,
-        null_label=model.num_classes,
         mean_channels=mean_channels,
     )
 

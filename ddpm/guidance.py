@@ -1,5 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a wrapper of a denoise_fn, and sample labels.
 
+The condition is anything with a leading batch axis: class labels, or a text encoder's
+states (latent text-to-image, where the empty prompt is the unconditional input).
+
 The guided prediction is eps~ = (1 + w) eps(x_t, y) - w eps(x_t, null) (their eq. 6).
 Libraries that speak of a guidance "scale" s write eps_null + s (eps_y - eps_null): the
 same thing with s = 1 + w.
@@ -19,26 +22,29 @@ import numpy as np
 
 from ddpm import diffusion as D
 
-# (x_t [B, ...], t [B], labels [B]) -> model output [B, ...]: a class-conditional network.
-LabelledDenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (x_t [B, ...], t [B], cond [B, ...]) -> model output [B, ...]: a conditional network
+# (cond: class labels [B], or text states [B, L, D]).
+ConditionalDenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def guided_denoiser(
-    denoise_fn: LabelledDenoiseFn,
-    labels: jax.Array,
+    denoise_fn: ConditionalDenoiseFn,
+    cond: jax.Array,
+    null_cond: jax.Array,
     guidance_scale,
     *,
-    null_label: int,
     mean_channels: int,
 ) -> D.DenoiseFn:
-    """The guided (x_t, t) -> output of a class-conditional network, for the samplers.
+    """The guided (x_t, t) -> output of a conditional network, for the samplers.
 
     Args:
-      denoise_fn: the conditional network, (x_t, t, labels) -> output [B, H, W, C_out].
-      labels: int [B] the class of each example (`null_label` for unconditional ones).
+      denoise_fn: the conditional network, (x_t, t, cond) -> output [B, H, W, C_out].
+      cond: [B, ...] the condition of each example: class labels (the null label for
+        unconditional ones), or text states.
+      null_cond: [B, ...] (same shape and dtype) the unconditional input: the null label,
+        or the empty prompt's text states.
       guidance_scale: w, a float or a traced scalar (changing it does not recompile).
         w = 0 is the conditional model: `lax.cond` then skips the unconditional pass.
-      null_label: the label that means "no class" (the model's num_classes).
       mean_channels: how many leading output channels are the mean prediction (the rest,
         a learned variance, are taken from the conditional pass unguided).
     Returns:
@@ -46,18 +52,18 @@ def guided_denoiser(
       one forward pass over the concatenated batch of 2B.
     """
     w = jnp.asarray(guidance_scale, jnp.float32)
+    null_cond = jnp.broadcast_to(null_cond, cond.shape).astype(cond.dtype)
 
     def guided(x, t):
-        null = jnp.full_like(labels, null_label)
         both = denoise_fn(
-            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([cond, null_cond])
         )
         conditional, unconditional = jnp.split(both, 2)
         mean = (1 + w) * conditional[..., :mean_channels] - w * unconditional[..., :mean_channels]
         return jnp.concatenate([mean, conditional[..., mean_channels:]], axis=-1)
 
     def denoise(x, t):
-        return jax.lax.cond(w == 0, lambda: denoise_fn(x, t, labels), lambda: guided(x, t))
+        return jax.lax.cond(w == 0, lambda: denoise_fn(x, t, cond), lambda: guided(x, t))
 
     return denoise
 

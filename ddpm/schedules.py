@@ -2,15 +2,18 @@
 
 Every schedule of the official DDPM code (linear, quad, const, jsd, warmup10,
 warmup50), the cosine schedule of improved DDPM (Nichol & Dhariwal 2021) and the
-sigmoid schedule. Tables are built in float64 here and cast to float32 only when
-the diffusion gathers them (REFERENCE.md: "The official math, exactly").
+sigmoid schedule, and diffusers' name 'scaled_linear' for 'quad' (latent diffusion:
+linspace(sqrt(0.00085), sqrt(0.012), 1000)^2). Tables are built in float64 here and cast
+to float32 only when the diffusion gathers them (REFERENCE.md: "The official math, exactly").
 """
 
 import math
 
 import numpy as np
 
-SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine", "sigmoid")
+SCHEDULES = (
+    "linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine", "sigmoid", "scaled_linear"
+)  # fmt: skip
 
 # Improved DDPM: the offset s keeps beta_0 from being vanishingly small, and the
 # cap keeps the last steps from being singular (alpha_bar_T = 0 gives beta = 1).
@@ -26,8 +29,8 @@ def get_beta_schedule(
     Args:
       name: one of SCHEDULES.
       num_timesteps: T, the number of diffusion steps (>= 1).
-      beta_start, beta_end: the range of betas. Used by linear, quad, warmup*, sigmoid;
-        const uses beta_end; jsd and cosine ignore both.
+      beta_start, beta_end: the range of betas. Used by linear, quad (scaled_linear),
+        warmup*, sigmoid; const uses beta_end; jsd and cosine ignore both.
 
     Raises:
       ValueError: for an unknown name, T < 1, or betas outside (0, 1].
@@ -43,7 +46,9 @@ def get_beta_schedule(
     T = num_timesteps
     if name == "linear":
         betas = np.linspace(beta_start, beta_end, T, dtype=np.float64)
-    elif name == "quad":
+    elif name in ("quad", "scaled_linear"):
+        # The same betas under two names: the official DDPM code's 'quad', and diffusers'
+        # 'scaled_linear' of latent diffusion (0.00085 -> 0.012).
         betas = np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
     elif name == "const":
         betas = np.full(T, beta_end, dtype=np.float64)

@@ -33,6 +33,14 @@ def test_official_schedules():
         assert np.all(betas[n:] == 0.02)
 
 
+def test_scaled_linear_is_latent_diffusions_schedule():
+    """REFERENCE.md: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2, term by term."""
+    betas = get_beta_schedule("scaled_linear", num_timesteps=T, beta_start=0.00085, beta_end=0.012)
+    lo, hi = math.sqrt(0.00085), math.sqrt(0.012)
+    expected = [(lo + (hi - lo) * i / (T - 1)) ** 2 for i in range(T)]
+    np.testing.assert_allclose(betas, expected, rtol=1e-12)
+
+
 def test_cosine_reproduces_alpha_bar_and_caps_betas():
     betas = get_beta_schedule("cosine", num_timesteps=T)
 
