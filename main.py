@@ -14,13 +14,23 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-flags.DEFINE_string("source", None, "--mode=convert: a diffusers UNet2DModel directory.")
+flags.DEFINE_string(
+    "source", None, "--mode=convert: a diffusers UNet2DModel (or, for text2image, pipeline) folder."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    if FLAGS.mode == "convert" and not FLAGS.source:
+        raise app.UsageError("--mode=convert needs --source=DIR (a diffusers model folder)")
+    if config.pipeline == "text2image" and FLAGS.mode not in ("sample", "convert"):
+        raise app.UsageError(
+            f"--mode={FLAGS.mode} is not available for config.pipeline='text2image': "
+            "use --mode=convert (a diffusers LDMTextToImagePipeline folder) and --mode=sample"
+        )
     import tensorflow as tf
 
     # TensorFlow only feeds data: it must not claim GPU or TPU memory that JAX needs.
@@ -28,7 +38,6 @@ def main(argv):
     tf.config.set_visible_devices([], "TPU")
     import jax
 
-    config = FLAGS.config
     if config.distributed:
         jax.distributed.initialize()
     logging.info(
@@ -38,9 +47,14 @@ def main(argv):
         jax.local_devices(),
     )
 
-    from ddpm import convert, evaluation, inpaint_job, train
+    from ddpm import convert, evaluation, inpaint_job, text2image, train
 
-    if FLAGS.mode == "train":
+    if config.pipeline == "text2image":
+        if FLAGS.mode == "sample":
+            text2image.sample(config, FLAGS.workdir)
+        else:
+            text2image.convert(config, FLAGS.source, FLAGS.workdir)
+    elif FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
         evaluation.sample(config, FLAGS.workdir)
@@ -49,8 +63,6 @@ def main(argv):
     elif FLAGS.mode == "inpaint":
         inpaint_job.inpaint(config, FLAGS.workdir)
     else:
-        if not FLAGS.source:
-            raise app.UsageError("--mode=convert needs --source=DIR (a diffusers UNet2DModel)")
         convert.convert_checkpoint(config, FLAGS.source, FLAGS.workdir)
 
 

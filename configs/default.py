@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.init_from = ""
     # Call jax.distributed.initialize() before anything else (multi-host pods and clusters).
     config.distributed = False
+    # 'pixel': a diffusion model on images (the sections below). 'text2image': latent
+    # text-to-image from converted weights (configs/ldm_text2im.py; --mode=convert/sample).
+    config.pipeline = "pixel"
 
     data = config.data = ml_collections.ConfigDict()
     data.source = "tfds"  # 'tfds' (a tfds dataset by name) or 'folder' (a folder of images).

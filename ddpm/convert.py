@@ -15,6 +15,7 @@ import json
 import math
 import pathlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -152,7 +153,7 @@ def unet_kwargs_from_diffusers_config(config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _our_layer(key: str, num_levels: int) -> str | None:
+def unet_layer_name(key: str, num_levels: int) -> str | None:
     """'up_blocks.0.attentions.1.query' -> 'up_{n-1}_attn_1/q'; None if not a UNet layer."""
     if key in _TOP_LAYERS:
         return _TOP_LAYERS[key]
@@ -179,21 +180,46 @@ def _our_layer(key: str, num_levels: int) -> str | None:
     return None
 
 
-def _convert_array(layer: str, param: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """Torch tensor -> (our leaf name, array): OIHW -> HWIO, [out, in] -> [in, out]."""
+def convert_array(layer: str, param: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+    """Torch tensor -> (our leaf name, array): OIHW -> HWIO, [out, in] -> [in, out].
+
+    layer: our layer path ('a/b/q'); its last part decides norms, embeddings and the
+    Dense layers that torch may store as 1x1 convolutions.
+    """
     value = np.asarray(value, dtype=np.float32)
     leaf = layer.rsplit("/", 1)[-1]
     if param == "bias":
         return "bias", value
     if leaf.startswith("norm"):
         return "scale", value
-    if leaf == "class_embed":
+    if leaf == "class_embed" or leaf.startswith("embed_"):
         return "embedding", value
-    if value.ndim == 4 and leaf in ("q", "k", "v", "proj_out"):
-        value = value[:, :, 0, 0]  # attention projections stored as 1x1 convs
+    if value.ndim == 4 and leaf in ("q", "k", "v", "proj_in", "proj_out"):
+        value = value[:, :, 0, 0]  # attention / transformer projections stored as 1x1 convs
     if value.ndim == 4:
         return "kernel", value.transpose(2, 3, 1, 0)
     return "kernel", value.T
+
+
+def place_tensors(
+    state: dict[str, np.ndarray], layer_of: Callable[[str], str | None]
+) -> tuple[dict[str, Any], list[str]]:
+    """A torch state dict -> (our nested params, the keys that found no place).
+
+    layer_of maps a module key ('down_blocks.0.resnets.1.conv1') to our layer path
+    ('down_0_block_1/conv_0') or None; each tensor is converted by `convert_array`.
+    """
+    params: dict[str, Any] = {}
+    unknown = []
+    for key, value in state.items():
+        module_key, _, param = key.rpartition(".")
+        layer = layer_of(module_key)
+        if layer is None or param not in ("weight", "bias"):
+            unknown.append(key)
+            continue
+        leaf, array = convert_array(layer, param, value)
+        param_trees.set_leaf(params, [*layer.split("/"), leaf], array)
+    return params, sorted(unknown)
 
 
 def convert_state_dict(state: dict[str, np.ndarray], num_levels: int) -> dict[str, Any]:
@@ -201,16 +227,7 @@ def convert_state_dict(state: dict[str, np.ndarray], num_levels: int) -> dict[st
 
     Raises ValueError listing every key that does not belong to a DDPM UNet2DModel.
     """
-    params: dict[str, Any] = {}
-    unknown = []
-    for key, value in state.items():
-        module_key, _, param = key.rpartition(".")
-        layer = _our_layer(module_key, num_levels)
-        if layer is None or param not in ("weight", "bias"):
-            unknown.append(key)
-            continue
-        leaf, array = _convert_array(layer, param, value)
-        param_trees.set_leaf(params, [*layer.split("/"), leaf], array)
+    params, unknown = place_tensors(state, lambda key: unet_layer_name(key, num_levels))
     if unknown:
         raise ValueError(f"checkpoint keys with no place in our UNet: {sorted(unknown)}")
     return params
@@ -236,17 +253,29 @@ def _resolve_dir(path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load_diffusers_state_dict(model_dir: pathlib.Path) -> dict[str, np.ndarray]:
-    """Read the weights file of a diffusers model directory as {key: np.ndarray}."""
-    if (model_dir / SAFETENSORS_NAME).exists():
-        return safetensors.numpy.load_file(model_dir / SAFETENSORS_NAME)
-    if (model_dir / BIN_NAME).exists():
+def load_diffusers_state_dict(
+    model_dir: pathlib.Path, names: tuple[str, ...] = (SAFETENSORS_NAME, BIN_NAME)
+) -> dict[str, np.ndarray]:
+    """Read the first of `names` present in `model_dir` as {key: np.ndarray}.
+
+    names: weight file names in order of preference; a name ending in .safetensors is
+    read with safetensors, any other as a torch.save archive (through ddpm.torch_pickle,
+    which runs no code from the file). diffusers models use the default names,
+    transformers models (LDMBert) model.safetensors / pytorch_model.bin.
+    """
+    model_dir = pathlib.Path(model_dir)
+    for name in names:
+        path = model_dir / name
+        if not path.exists():
+            continue
+        if name.endswith(".safetensors"):
+            return safetensors.numpy.load_file(path)
         # Imported here: only .bin checkpoints need the torch-free pickle reader.
         from ddpm import torch_pickle
 
-        return torch_pickle.load_state_dict(model_dir / BIN_NAME)
+        return torch_pickle.load_state_dict(path)
     found = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
-    raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {BIN_NAME} in {model_dir} (found: {found})")
+    raise FileNotFoundError(f"no {' or '.join(names)} in {model_dir} (found: {found})")
 
 
 def from_diffusers(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -96,7 +96,7 @@ def sampler_name(config) -> str:
     name = f"{c.method}{c.num_steps or config.diffusion.num_timesteps}"
     if c.method == "ddim":
         name += f"_eta{c.eta}"
-    if config.model.num_classes:
+    if config.model.get("num_classes"):
         labels = str(c.labels).strip()
         labels = "labels" + labels.replace(",", "-") if labels else "balanced"
         name += f"_w{float(c.guidance_scale)}_{labels}"

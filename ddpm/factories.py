@@ -4,7 +4,7 @@ The one place where config fields become objects: the model and the diffusion ma
 never see the config themselves.
 """
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -13,6 +13,9 @@ import ml_collections
 import optax
 
 from ddpm import diffusion as D
+from ddpm.models.autoencoder import AutoencoderKL
+from ddpm.models.cond_unet import CondUNet
+from ddpm.models.ldmbert import LDMBert
 from ddpm.models.unet import UNet
 from ddpm.schedules import get_beta_schedule
 
@@ -41,6 +44,55 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
         out_channels=config.data.num_channels * (2 if learned_var else 1),
         num_classes=config.model.num_classes or None,
         dtype=DTYPES[config.model.dtype],
+    )
+
+
+class Text2ImageModels(NamedTuple):
+    """The three networks of latent text-to-image (config.pipeline = 'text2image')."""
+
+    autoencoder: AutoencoderKL  # images <-> latents (config.autoencoder)
+    text_encoder: LDMBert  # token ids -> text states (config.text_encoder)
+    unet: CondUNet  # the latent diffusion model, cross-attending to the text (config.model)
+
+
+def create_text2image_models(config: ml_collections.ConfigDict) -> Text2ImageModels:
+    a, e, m = config.autoencoder, config.text_encoder, config.model
+    dtype = DTYPES[m.dtype]
+    if m.context_dim != e.d_model:
+        raise ValueError(
+            f"model.context_dim={m.context_dim} must equal text_encoder.d_model={e.d_model}"
+        )
+    return Text2ImageModels(
+        autoencoder=AutoencoderKL(
+            ch=a.ch,
+            ch_mult=tuple(a.ch_mult),
+            num_res_blocks=a.num_res_blocks,
+            latent_channels=a.latent_channels,
+            in_channels=config.data.num_channels,
+            out_channels=config.data.num_channels,
+            dtype=dtype,
+        ),
+        text_encoder=LDMBert(
+            vocab_size=e.vocab_size,
+            max_length=e.max_length,
+            d_model=e.d_model,
+            num_layers=e.num_layers,
+            num_heads=e.num_heads,
+            head_dim=e.head_dim,
+            ffn_dim=e.ffn_dim,
+            dtype=dtype,
+        ),
+        unet=CondUNet(
+            ch=m.ch,
+            ch_mult=tuple(m.ch_mult),
+            num_res_blocks=m.num_res_blocks,
+            cross_attn_levels=tuple(m.cross_attn_levels),
+            num_heads=m.num_heads,
+            context_dim=m.context_dim,
+            out_channels=a.latent_channels,
+            dropout=m.dropout,
+            dtype=dtype,
+        ),
     )
 
 

@@ -23,7 +23,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _listed(names: list[str]) -> str:
+def listed(names: list[str]) -> str:
     more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
     return f"{names[:MAX_LISTED]}{more}"
 
@@ -39,11 +39,11 @@ def check_fit(params, expected, *, source: str, model: str) -> None:
     want, got = _shapes(expected), _shapes(params)
     problems = []
     if missing := sorted(set(want) - set(got)):
-        problems.append(f"missing from the checkpoint: {_listed(missing)}")
+        problems.append(f"missing from the checkpoint: {listed(missing)}")
     if extra := sorted(set(got) - set(want)):
-        problems.append(f"not in the {model}: {_listed(extra)}")
+        problems.append(f"not in the {model}: {listed(extra)}")
     common = sorted(set(want) & set(got))
     if bad := [f"{k}: {got[k]} vs {want[k]}" for k in common if got[k] != want[k]]:
-        problems.append(f"shape mismatches (checkpoint vs {model}): {_listed(bad)}")
+        problems.append(f"shape mismatches (checkpoint vs {model}): {listed(bad)}")
     if problems:
         raise ValueError(f"{source} does not fit the {model}; " + "; ".join(problems))

@@ -170,6 +170,30 @@ def ddim_sample(
     return _run_chain(step, keys, x_T, t_start, noisy=noisy)[0]
 
 
+def sample(
+    d: D.Diffusion,
+    denoise_fn: D.DenoiseFn,
+    keys: jax.Array,
+    shape: tuple[int, ...],
+    method: str,
+    *,
+    eta=0.0,
+    clip_denoised: bool = True,
+    x_T: jax.Array | None = None,
+) -> jax.Array:
+    """x_0 [B, *shape] from `method`'s chain: 'ddpm' (ancestral) or 'ddim' (with eta).
+
+    x_T: [B, *shape] the state at d's last step (default: the start noise of `keys`).
+    """
+    if method == "ddpm":
+        return ddpm_sample(d, denoise_fn, keys, shape, clip_denoised=clip_denoised, x_t=x_T)
+    if method == "ddim":
+        return ddim_sample(
+            d, denoise_fn, keys, shape, eta=eta, clip_denoised=clip_denoised, x_T=x_T
+        )
+    raise ValueError(f"sampling.method must be 'ddpm' or 'ddim', got {method!r}")
+
+
 def ddim_decode(d: D.Diffusion, denoise_fn: D.DenoiseFn, x_T: jax.Array, *, clip_denoised=False):
     """The deterministic DDIM chain from a given x_T [B, ...] to x_0 [B, ...] (eta=0)."""
     step = _ddim_step(d, denoise_fn, 0.0, clip_denoised)

@@ -57,3 +57,36 @@ def write_random_checkpoint(config, workdir, step: int = 7) -> None:
     checkpointer = checkpointing.Checkpointer(workdir)
     checkpointer.save(step, factories.state_from_params(params, tx), force=True)
     checkpointer.close()
+
+
+# The tiny LDMTextToImagePipeline of tests/fixtures/ldm_tiny (tools/make_ldm_fixtures.py)
+# as overrides of configs/ldm_text2im.py: 32x32 images, f = 4, 8x8x4 latents.
+TINY_TEXT2IMAGE = {
+    "data.image_size": 32,
+    "model.ch": 32,
+    "model.ch_mult": (1, 2, 2),
+    "model.cross_attn_levels": (True, True, False),
+    "model.num_heads": 2,
+    "model.context_dim": 32,
+    "autoencoder.ch": 32,
+    "autoencoder.ch_mult": (1, 1, 2),
+    "text_encoder.vocab_size": 96,
+    "text_encoder.d_model": 32,
+    "text_encoder.num_layers": 2,
+    "text_encoder.num_heads": 2,
+    "text_encoder.head_dim": 16,
+    "text_encoder.ffn_dim": 64,
+    "sampling.num_steps": 10,
+    "sampling.eta": 0.0,
+}
+
+
+def tiny_text2image_config(overrides=None):
+    """configs/ldm_text2im.py with TINY_TEXT2IMAGE, then `overrides`, applied."""
+    from configs import ldm_text2im
+
+    config = ldm_text2im.get_config()
+    for key, value in {**TINY_TEXT2IMAGE, **(overrides or {})}.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config

@@ -184,6 +184,26 @@ class Upsample(nn.Module):
         return x
 
 
+def check_images_and_timesteps(x, t, ch_mult: tuple[int, ...], what: str = "image") -> None:
+    """ValueError unless x is [B, H, W, C] with H, W divisible by 2**(len(ch_mult)-1), t is [B].
+
+    The U-Nets' shared input check; `what` names x in the message ("image", "latent").
+    """
+    if x.ndim != 4:
+        raise ValueError(f"x must be NHWC [B, H, W, C], got shape {tuple(x.shape)}")
+    batch, height, width, _ = x.shape
+    divisor = 2 ** (len(ch_mult) - 1)
+    if height % divisor or width % divisor:
+        raise ValueError(
+            f"{what} size {height}x{width} is not divisible by {divisor} = 2**(len(ch_mult)-1)"
+            f" for ch_mult={tuple(ch_mult)}"
+        )
+    if jnp.ndim(t) != 1 or jnp.shape(t)[0] != batch:
+        raise ValueError(
+            f"t must have shape [{batch}] (one timestep per image), got {tuple(jnp.shape(t))}"
+        )
+
+
 class UNet(nn.Module):
     """The DDPM U-Net.
 
@@ -214,19 +234,8 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x, t, y) -> None:
         """Raise a clear ValueError for inputs the network cannot take, before any layer runs."""
-        if x.ndim != 4:
-            raise ValueError(f"x must be NHWC [B, H, W, C], got shape {tuple(x.shape)}")
-        batch, height, width, _ = x.shape
-        divisor = 2 ** (len(self.ch_mult) - 1)
-        if height % divisor or width % divisor:
-            raise ValueError(
-                f"image size {height}x{width} is not divisible by {divisor} = 2**(len(ch_mult)-1)"
-                f" for ch_mult={tuple(self.ch_mult)}"
-            )
-        if jnp.ndim(t) != 1 or jnp.shape(t)[0] != batch:
-            raise ValueError(
-                f"t must have shape [{batch}] (one timestep per image), got {tuple(jnp.shape(t))}"
-            )
+        check_images_and_timesteps(x, t, self.ch_mult)
+        batch = x.shape[0]
         if y is not None:
             if self.num_classes is None:
                 raise ValueError("class labels y given, but the UNet has num_classes=None")
