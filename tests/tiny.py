@@ -27,13 +27,17 @@ TINY = {
 }
 
 
-def tiny_config(overrides=None):
-    """The default config with TINY applied, then `overrides` ({dotted key: value})."""
-    config = default.get_config()
-    for key, value in {**TINY, **(overrides or {})}.items():
+def overridden(config, *overrides):
+    """config with each {dotted key: value} of `overrides` applied in turn."""
+    for key, value in {k: v for o in overrides for k, v in (o or {}).items()}.items():
         section, field = key.split(".")
         config[section][field] = value
     return config
+
+
+def tiny_config(overrides=None):
+    """The default config with TINY applied, then `overrides` ({dotted key: value})."""
+    return overridden(default.get_config(), TINY, overrides)
 
 
 def flags(overrides=None) -> list[str]:
@@ -85,8 +89,4 @@ def tiny_text2image_config(overrides=None):
     """configs/ldm_text2im.py with TINY_TEXT2IMAGE, then `overrides`, applied."""
     from configs import ldm_text2im
 
-    config = ldm_text2im.get_config()
-    for key, value in {**TINY_TEXT2IMAGE, **(overrides or {})}.items():
-        section, field = key.split(".")
-        config[section][field] = value
-    return config
+    return overridden(ldm_text2im.get_config(), TINY_TEXT2IMAGE, overrides)
