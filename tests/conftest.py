@@ -1,8 +1,18 @@
 """Shared test set-up: eight fake CPU devices, so data-parallel code runs as on a pod."""
 
 import os
+import pathlib
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for every process of the session (both xdist
+# workers, and the main.py processes that tests start, which inherit the environment): a
+# program that several tests build from different Python functions compiles once. It
+# lives in the checkout, git-ignored, so a fresh clone (CI) starts with an empty one.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path(__file__).parent / ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
