@@ -8,7 +8,7 @@ accelerators, and hands over to the library. Any config field can be overridden:
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "eval", "inpaint", "convert")
+MODES = ("train", "sample", "eval", "inpaint", "convert", "upsample")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -47,19 +47,25 @@ def main(argv):
         jax.local_devices(),
     )
 
-    from ddpm import convert, evaluation, inpaint_job, text2image, train
+    from ddpm import convert, eval_job, evaluation, inpaint_job, text2image, train
 
     if config.pipeline == "text2image":
         if FLAGS.mode == "sample":
             text2image.sample(config, FLAGS.workdir)
         else:
             text2image.convert(config, FLAGS.source, FLAGS.workdir)
+    elif FLAGS.mode == "upsample" or (FLAGS.mode == "eval" and config.data.get("low_res_size")):
+        from ddpm import sr_eval_job, upsample_job  # super-resolution (data.low_res_size > 0)
+
+        (upsample_job.upsample if FLAGS.mode == "upsample" else sr_eval_job.evaluate)(
+            config, FLAGS.workdir
+        )
     elif FLAGS.mode == "train":
         train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
         evaluation.sample(config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
-        evaluation.evaluate(config, FLAGS.workdir)
+        eval_job.evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "inpaint":
         inpaint_job.inpaint(config, FLAGS.workdir)
     else:

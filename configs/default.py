@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 32  # Square side in pixels; images are resized and centre-cropped.
     data.num_channels = 3  # 3 for RGB, 1 for grayscale.
     data.random_flip = True  # Random horizontal flips in training.
+    # > 0: super-resolution (SR3): the pipeline also yields the image area-downsampled to
+    # low_res_size (which must divide image_size), and the U-Net sees it, bicubic-upsampled,
+    # next to x_t. --mode=upsample and --mode=eval then work on low-res inputs (see upsample).
+    data.low_res_size = 0
 
     model = config.model = ml_collections.ConfigDict()
     model.ch = 128  # Base channel count.
@@ -40,6 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     # is the "no class" label of classifier-free guidance); 0: unconditional.
     model.num_classes = 0
     model.dtype = "float32"  # Compute dtype ('float32' or 'bfloat16'); params stay float32.
+    # Super-resolution: noise-conditioning augmentation (SR3 / cascaded diffusion). > 0: in
+    # training the low-res image is noised to a level s drawn uniformly per example from
+    # {0, ..., round(low_res_noise * T)} (0 clean, else q_sample at timestep s - 1), and
+    # the U-Net is told s; 0: off.
+    model.low_res_noise = 0.0
 
     diffusion = config.diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"  # See ddpm.schedules.SCHEDULES.
@@ -64,6 +73,13 @@ def get_config() -> ml_collections.ConfigDict:
     # null label, so one network also learns the unconditional model that classifier-free
     # guidance needs (Ho & Salimans 2022 use 0.1-0.2; 0.5 was worse).
     training.label_dropout = 0.1
+    # FID during training: every fid_every steps (0: never), FID of fid_num_samples EMA
+    # samples drawn by DDIM (eta 0) with fid_num_steps steps, against the eval.split
+    # statistics (cached in the workdir), to TensorBoard as 'fid'. A trend, not the
+    # paper's 50k-sample FID (eval.num_reference makes the reference smaller as well).
+    training.fid_every = 0
+    training.fid_num_samples = 1000
+    training.fid_num_steps = 50
 
     optim = config.optim = ml_collections.ConfigDict()
     optim.learning_rate = 2e-4  # Adam, after a linear warm-up from 0.
@@ -114,4 +130,16 @@ def get_config() -> ml_collections.ConfigDict:
     inpaint.jump_length = 10  # RePaint's j: steps back up at each jump.
     inpaint.jump_n_sample = 10  # RePaint's r: passes through each stretch (1: no resampling).
     inpaint.num_images = 16  # Images of the source (a fixed random subset if it has more).
+
+    # --mode=upsample (ddpm/upsample_job.py) of a super-resolution config (data.low_res_size).
+    upsample = config.upsample = ml_collections.ConfigDict()
+    # A folder of low-res images (each low_res_size x low_res_size), or empty: the data's
+    # split upsample.split, area-downsampled on the fly (the originals are then known).
+    upsample.source = ""
+    upsample.split = "test"
+    upsample.num_images = 16  # Images of the source (a fixed random subset if it has more).
+    upsample.samples_per_image = 1  # Independent samples per low-res image.
+    # Noise-conditioned models (model.low_res_noise > 0): the level (a timestep) that the
+    # low-res input is noised to and the model is told at sampling. 0: the clean input.
+    upsample.low_res_noise_level = 0
     return config

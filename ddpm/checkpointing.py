@@ -1,12 +1,18 @@
 """Checkpoints with orbax: restore-or-initialise, periodic saves, and saves on SIGTERM.
 
-Restore order on start: the workdir's newest checkpoint -> `config.init_from` (EMA
-weights of another checkpoint, e.g. a converted release) -> a fresh initialisation.
-Saves are asynchronous; `close()` waits for them, so nothing is lost on exit.
+Restore order on start: the workdir's newest readable checkpoint -> `config.init_from`
+(EMA weights of another checkpoint, e.g. a converted release) -> a fresh initialisation.
+Saves are asynchronous; `close()` waits for them, so nothing is lost on exit. A process
+killed mid-save leaves only orbax's temporary directory (the step directory appears by an
+atomic rename when the save is complete), so the previous checkpoint is still the newest
+one; a checkpoint damaged afterwards (truncated or missing files) is skipped on restore.
 """
 
+import os
 import pathlib
+import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,17 +20,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
+# Unreadable checkpoints that training moved out of the way (kept for inspection): a
+# checkpoint left under its step would collide with the save of that step after resuming.
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 class Checkpointer:
     """An orbax CheckpointManager over `workdir/checkpoints`, keeping the newest `keep`."""
 
-    def __init__(self, workdir, *, keep: int = 3):
+    def __init__(self, workdir, *, keep: int = 3, create: bool = True):
+        """`create=False` for readers (sample, eval): a wrong workdir is not created."""
         directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        self.directory = directory
         self.manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+            directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         )
 
     def latest_step(self) -> int | None:
@@ -37,6 +49,50 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_newest(self, abstract_state, *, set_aside_damaged: bool = False):
+        """(state, step) of the newest checkpoint that reads back whole; None if there is none.
+
+        A checkpoint that does not read is skipped with a one-line warning naming it, and
+        the one before it is tried. `set_aside_damaged` (training) moves skipped ones to
+        workdir/damaged_checkpoints/. Raises only when checkpoints exist and none reads.
+        """
+        steps, skipped = sorted(self.manager.all_steps(), reverse=True), []
+        for step in steps:
+            try:
+                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            # orbax and tensorstore report missing or truncated files as FileNotFoundError,
+            # ValueError, JSONDecodeError or a bare Exception, depending on the file.
+            except Exception as error:  # noqa: BLE001
+                reason = (str(error).strip().splitlines() or [""])[0][:200]
+                logging.warning(
+                    "Skipping unreadable checkpoint %s (%s: %s); trying the one before it.",
+                    self.directory / str(step), type(error).__name__, reason,
+                )  # fmt: skip
+                skipped.append(step)
+                continue
+            if set_aside_damaged and skipped:
+                self._set_aside(skipped)
+            return state, step
+        if steps:  # nothing is moved: a restart must not quietly begin from scratch
+            raise RuntimeError(
+                f"no checkpoint in {self.directory} can be read (steps {steps}; see the "
+                "warnings above). Move the directory away to start from scratch."
+            )
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                target = self.directory.parent / DAMAGED_DIR / str(step)
+                if target.exists():  # damaged twice at the same step: keep the newer
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(target)
+                logging.warning("Moved the unreadable checkpoint to %s", target)
+        if jax.process_count() > 1:  # every process must see the moves before reloading
+            multihost_utils.sync_global_devices("set aside damaged checkpoints")
+        self.manager.reload()
+
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Starts an asynchronous save of `state` at `step`; returns whether it saved."""
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
@@ -47,55 +103,97 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_or_initialize(
-    checkpointer: Checkpointer,
+def restore_newest_in(workdir, abstract_state, *, how_to_make_one: str):
+    """(state, step) of the newest readable checkpoint of a run's workdir, for readers.
+
+    Raises FileNotFoundError naming the workdir and `how_to_make_one` when it has none.
+    """
+    checkpointer = Checkpointer(workdir, create=False)
+    try:
+        restored = checkpointer.restore_newest(abstract_state)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}: {how_to_make_one}")
+    return restored
+
+
+def initialize(
     init_fn: Callable[[], Any],
     *,
     init_from: str = "",
     from_params: Callable[[Any], Any] | None = None,
 ):
-    """The start-up state, in the order: workdir -> init_from -> scratch.
+    """The start-up state when the workdir has no checkpoint: init_from, else scratch.
 
     Args:
-      checkpointer: the run's own checkpoints.
       init_fn: () -> a freshly initialised state (also gives the structure to restore into).
       init_from: a checkpoint directory of another run (or of --mode=convert); its newest
-        state's EMA params seed this run when the workdir holds no checkpoint.
+        readable state's EMA params seed this run.
       from_params: params -> a state starting from those params.
     """
-    abstract = jax.eval_shape(init_fn)
-    if checkpointer.latest_step() is not None:
-        logging.info(
-            "Resuming from %s, step %d", checkpointer.manager.directory, checkpointer.latest_step()
-        )
-        return checkpointer.restore(abstract)
-    if init_from:
-        source = Checkpointer(init_from)
-        if source.latest_step() is None:
-            raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint")
-        logging.info("Initialising from the EMA params of %s", init_from)
-        restored = source.restore(abstract)
+    if not init_from:
+        return init_fn()
+    source = Checkpointer(init_from, create=False)
+    try:
+        restored = source.restore_newest(jax.eval_shape(init_fn))
+    finally:
         source.close()
-        return from_params(restored.ema_params)
-    return init_fn()
+    if restored is None:
+        raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint")
+    logging.info("Initialising from the EMA params of %s, step %d", init_from, restored[1])
+    return from_params(restored[0].ema_params)
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (or SIGINT): the train loop saves and exits at the next step."""
+    """Set by SIGTERM or SIGINT (Ctrl-C): the train loop saves and exits after this step.
+
+    A second signal ends the process at once (exit status 128 + signal), even while the
+    main thread is inside a compiled step or sample grid, where a Python signal handler
+    would not run until the computation returns: the signals are read from Python's
+    wakeup fd by a thread of their own. A save then in flight is left as orbax's temporary
+    directory, never as a step, so the previous checkpoint stays the newest readable one.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self._event = threading.Event()
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        # The reader thread counts; the handler (run by the main thread between bytecodes)
+        # sets the flag too, so a signal that the main thread sent is seen at its next check.
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._writer = writer
+        self._previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, daemon=True, name="preemption").start()
+
+    def _watch(self):
+        count = 0
+        while data := self._reader.recv(64):
+            for signum in data:
+                if signum not in self.SIGNALS:
+                    continue
+                count += 1
+                if count > 1:
+                    logging.warning("Received signal %d again: exiting now.", signum)
+                    logging.flush()
+                    os._exit(128 + signum)
+                logging.warning(
+                    "Received signal %d: saving a checkpoint after this step and stopping; "
+                    "send it again to exit at once (the previous checkpoint stays).",
+                    signum,
+                )
+                self._event.set()
 
     def _handle(self, signum, frame):
-        logging.warning("Received signal %d: saving a checkpoint and stopping.", signum)
         self._event.set()
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def restore_handlers(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._writer.close()  # the reader sees the end and its thread returns

@@ -1,4 +1,4 @@
-"""Sampling and evaluation jobs: --mode=sample and --mode=eval.
+"""Sampling (--mode=sample) and what evaluation shares: samplers, cached chunks, FID pieces.
 
 Samples are drawn on all local devices of every host. Sample i of a run uses the key
 fold_in(key, i) alone, so the images for a given seed do not depend on the number of
@@ -7,6 +7,7 @@ done (samples, and bits/dim of each test batch), so an interrupted job resumes a
 first unfinished chunk.
 """
 
+import hashlib
 import json
 import pathlib
 from collections.abc import Callable, Iterator
@@ -15,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
@@ -172,12 +172,39 @@ def sample_keys(rng, indices) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
 
 
-def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
-    """Loads path (.npz) if an earlier run finished it; else computes it and saves it."""
+def settings_digest(settings: dict) -> str:
+    """10 hex digits of a hash of `settings` (JSON-able): names folders of cached work, so
+    a run with any setting changed never reads another run's chunks or results."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def sampling_settings(config) -> dict:
+    """Everything besides the checkpoint that changes the samples of sample_chunks."""
+    keys = ("method", "num_steps", "eta", "clip_denoised", "batch_size", "guidance_scale", "labels")
+    return {
+        "sampling": {k: config.sampling[k] for k in keys},
+        "diffusion": config.diffusion.to_dict(),
+        "data": {k: config.data[k] for k in ("image_size", "num_channels")},
+        "seed": config.seed,
+    }
+
+
+def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict], indices=None) -> dict:
+    """Loads path (.npz) if an earlier run finished it; else computes it and saves it.
+
+    With `indices`, a cached chunk is used only if it holds those global indices (it
+    need not: the last chunk of a run with another count wraps around differently).
+    """
     if path.exists():
         with np.load(path) as data:
-            return dict(data)
+            cached = dict(data)
+        if indices is None or np.array_equal(cached.get("indices"), indices):
+            return cached
+        logging.info("%s holds other indices (another sample count): computing it again", path)
     result = compute()
+    if indices is not None:
+        result["indices"] = np.asarray(indices)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npz")
@@ -191,7 +218,8 @@ def chunks(config, draw: Callable, num: int, out_dir, desc: str = "sampling") ->
 
     Chunks hold sampling.batch_size indices; each process draws its share of a chunk
     (`draw` takes this process's indices and returns a uint8 array for them), the chunk
-    is gathered on every process and cached in out_dir, so a rerun resumes.
+    is gathered on every process and cached in out_dir, so a rerun resumes. out_dir must
+    be named by everything else that changes `draw` (see settings_digest).
     """
     chunk = config.sampling.batch_size
     if chunk % jax.device_count():
@@ -204,12 +232,14 @@ def chunks(config, draw: Callable, num: int, out_dir, desc: str = "sampling") ->
         start = c * chunk
         # Indices past `num` (in the last chunk) are drawn from valid ones and dropped.
         mine = (start + jax.process_index() * per_process + np.arange(per_process)) % num
+        every = (start + np.arange(chunk)) % num
 
         def compute(mine=mine):
             local = draw(mine)
             return {"images": np.asarray(multihost_utils.process_allgather(local, tiled=True))}
 
-        result = _cached_chunk(pathlib.Path(out_dir) / f"chunk_{c:05d}.npz", compute)["images"]
+        path = pathlib.Path(out_dir) / f"chunk_{c:05d}.npz"
+        result = _cached_chunk(path, compute, every)["images"]
         yield result[: min(chunk, num - start)]
 
 
@@ -230,16 +260,10 @@ def restore_train_state(config, workdir):
     """
     model, tx = create_model(config), create_optimizer(config.optim)
     abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
-    checkpointer = checkpointing.Checkpointer(workdir)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {workdir}: train first, or write one with --mode=convert"
-            )
-        return model, checkpointer.restore(abstract, step), step
-    finally:
-        checkpointer.close()
+    state, step = checkpointing.restore_newest_in(
+        workdir, abstract, how_to_make_one="train first, or write one with --mode=convert"
+    )
+    return model, state, step
 
 
 def load_ema_params(config, workdir):
@@ -253,7 +277,8 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     workdir = pathlib.Path(workdir)
     model, params, step = load_ema_params(config, workdir)
     c = config.sampling
-    name = f"samples_step{step}_{sampler_name(config)}_seed{config.seed}"
+    digest = settings_digest(sampling_settings(config))
+    name = f"samples_step{step}_{sampler_name(config)}_seed{config.seed}_{digest}"
     out_dir = workdir / name
     rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
     sampler = make_sampler(config, model)
@@ -273,9 +298,22 @@ class FeatureExtractor:
     """uint8 images [B, H, W, C] (C = 1 or 3) -> Inception pool3 features and logits."""
 
     def __init__(self, weights: str, cache_dir):
-        variables = inception.load_inception_params(weights or None, cache_dir=cache_dir)
+        try:
+            variables = inception.load_inception_params(weights or None, cache_dir=cache_dir)
+        except (OSError, RuntimeError, ValueError) as error:
+            raise type(error)(
+                f"{error} (the weights are set by --config.eval.inception_weights=PATH_OR_URL)"
+            ) from None
         self.apply = inception.inception_fn(variables)
         self.has_logits = inception.num_classes_of(variables) > 0
+        # Why there is no Inception score, for the results: said once, not left out silently.
+        self.no_logits_reason = None
+        if not self.has_logits:
+            self.no_logits_reason = (
+                f"the Inception weights {weights or inception.default_weights()!r} have no "
+                "1008-way classifier layer (inception-2015-12-05.pt has one; set "
+                "--config.eval.inception_weights to it for IS)"
+            )
 
     def __call__(self, images_uint8):
         if images_uint8.shape[-1] == 1:  # grayscale: the network takes RGB
@@ -318,6 +356,9 @@ def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
     batches = input_pipeline.create_eval_iter(
         d, split=config.eval.split, global_batch_size=global_batch
     )
+    # The kept images go through the network in batches of one size (the last one padded),
+    # so it compiles once, not once per count that a subset leaves in a batch.
+    pending = np.zeros((0, d.image_size, d.image_size, d.num_channels), np.uint8)
     for i, batch in enumerate(
         tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index())
     ):
@@ -325,8 +366,13 @@ def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
         if subset is not None:  # this process's positions, as create_eval_iter lays them out
             first = i * global_batch + jax.process_index() * local_batch
             keep = keep & np.isin(first + np.arange(local_batch), subset)
-        if keep.any():
-            stats.update(extractor(batch["image"].reshape(-1, *batch["image"].shape[2:])[keep])[0])
+        pending = np.concatenate([pending, batch["image"].reshape(-1, *pending.shape[1:])[keep]])
+        while len(pending) >= local_batch:
+            stats.update(extractor(pending[:local_batch])[0])
+            pending = pending[local_batch:]
+    if len(pending):
+        padded = np.concatenate([pending, np.repeat(pending[:1], local_batch - len(pending), 0)])
+        stats.update(extractor(padded)[0][: len(pending)])
     mu, sigma = stats.mean_and_covariance()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,100 +398,3 @@ def load_or_train_classifier(config, workdir, num_classes=None) -> classifier.Sc
     if jax.process_index() == 0:
         scorer.save(path)
     return scorer
-
-
-def make_bpd_fn(config, model, devices=None) -> Callable:
-    """pmap'd (params, uint8 images [devices, b, ...], key) -> total bits/dim [devices, b]."""
-    d = create_diffusion(config)
-
-    def bpd(params, image, rng):
-        # A stochastic estimate (one x_t per term): each device draws its own noise.
-        rng = jax.random.fold_in(rng, jax.lax.axis_index("batch"))
-        x_start = images.to_model_range(image)
-        return D.calc_bpd_loop(d, denoiser(model, params), x_start, rng).total_bpd
-
-    return jax.pmap(bpd, axis_name="batch", in_axes=(None, 0, None), devices=devices)
-
-
-def bits_per_dim(config, model, params, out_dir) -> tuple[float, int]:
-    """(mean negative VLB in bits/dim, examples) over eval.bpd_split (calc_bpd_loop, eq. 5)."""
-    bpd_fn = make_bpd_fn(config, model)
-    rng = jax.random.fold_in(jax.random.key(config.seed), BPD_PURPOSE)
-    limit = config.eval.bpd_num_examples or None
-    batches = input_pipeline.create_eval_iter(
-        config.data, split=config.eval.bpd_split, global_batch_size=config.eval.batch_size
-    )
-    values = []
-    for i, batch in enumerate(tqdm.tqdm(batches, desc="bits/dim", disable=jax.process_index())):
-        if limit and sum(len(v) for v in values) >= limit:
-            break
-
-        def compute(batch=batch, i=i):
-            bpd = bpd_fn(params, batch["image"], jax.random.fold_in(rng, i))
-            gathered = multihost_utils.process_allgather(
-                {"bpd": np.asarray(bpd), "mask": batch["mask"]}, tiled=True
-            )
-            return {k: np.asarray(v).reshape(-1) for k, v in gathered.items()}
-
-        chunk = _cached_chunk(pathlib.Path(out_dir) / "bpd" / f"batch_{i:05d}.npz", compute)
-        values.append(chunk["bpd"][chunk["mask"].astype(bool)])
-    values = np.concatenate(values)[:limit]
-    return float(np.mean(values)), len(values)
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-    """--mode=eval: FID (and IS) of EMA samples and bits/dim of the test split.
-
-    Results go to the console, TensorBoard (workdir/eval) and eval_step<step>.json.
-    """
-    workdir = pathlib.Path(workdir)
-    model, params, step = load_ema_params(config, workdir)
-    out_dir = workdir / f"eval_step{step}"
-    name = sampler_name(config)
-    results = {"step": step, "sampler": name}
-    if config.model.num_classes:
-        results.update(guidance_scale=config.sampling.guidance_scale, labels=config.sampling.labels)
-    if config.eval.num_samples:
-        extractor = FeatureExtractor(config.eval.inception_weights, workdir / "inception")
-        mu_ref, sigma_ref = reference_statistics(config, extractor, workdir)
-        scorer = load_or_train_classifier(config, workdir) if config.eval.class_accuracy else None
-        stats, logits, predicted = fid.RunningStatistics(2048), [], []
-        rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
-        chunks = sample_chunks(
-            config, make_sampler(config, model), params, rng, config.eval.num_samples,
-            out_dir / f"samples_{name}",
-        )  # fmt: skip
-        for chunk in chunks:
-            features, chunk_logits = extractor(chunk)
-            stats.update(features)
-            logits.append(chunk_logits)
-            if scorer:
-                predicted.append(scorer.predict(chunk))
-        mu, sigma = stats.mean_and_covariance()
-        results["fid"] = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
-        results["fid_num_samples"] = stats.count
-        results["fid_reference_split"] = config.eval.split
-        results["fid_num_reference"] = config.eval.num_reference or "all"
-        if extractor.has_logits:
-            score, spread = fid.inception_score(np.concatenate(logits))
-            results.update(inception_score=score, inception_score_std=spread)
-        if scorer:
-            requested = labels_of(config, np.arange(stats.count))
-            overall, per_class = classifier.accuracy(
-                np.concatenate(predicted), requested, config.model.num_classes
-            )
-            results.update(
-                class_accuracy=overall,
-                class_accuracy_per_class=per_class,
-                classifier_held_out_accuracy=scorer.held_out_accuracy,
-            )
-    if config.eval.bpd_split:
-        results["bpd"], results["bpd_num_examples"] = bits_per_dim(config, model, params, out_dir)
-    logging.info("Evaluation at step %d: %s", step, results)
-    if jax.process_index() == 0:
-        (workdir / f"eval_step{step}_{name}.json").write_text(json.dumps(results, indent=2))
-        with tf.summary.create_file_writer(str(workdir / "eval" / name)).as_default():
-            for name, value in results.items():
-                if isinstance(value, float):
-                    tf.summary.scalar(name, value, step=step)
-    return results

@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from ddpm import diffusion as D
+from ddpm import super_resolution
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.models.cond_unet import CondUNet
 from ddpm.models.ldmbert import LDMBert
@@ -33,6 +34,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
     """The U-Net of config.model, with output channels for the configured variance."""
     if config.model.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+    super_resolution.check_config(config)
     learned_var = config.diffusion.var_type in D.LEARNED_VAR_TYPES
     return UNet(
         ch=config.model.ch,
@@ -44,6 +46,8 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
         out_channels=config.data.num_channels * (2 if learned_var else 1),
         num_classes=config.model.num_classes or None,
         dtype=DTYPES[config.model.dtype],
+        low_res_conditioned=bool(config.data.get("low_res_size")),
+        low_res_noise_conditioned=bool(config.model.get("low_res_noise")),
     )
 
 
@@ -127,7 +131,8 @@ def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rn
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    return state_from_params(model.init(rng, x, t, y, train=False)["params"], tx)
+    low_res = super_resolution.example_inputs(config, model)
+    return state_from_params(model.init(rng, x, t, y, train=False, **low_res)["params"], tx)
 
 
 def state_from_params(params, tx) -> TrainState:

@@ -9,7 +9,6 @@ sampling.batch_size, cached on disk, so an interrupted job resumes; the output f
 name carries a hash of every setting that changes the result.
 """
 
-import hashlib
 import json
 import pathlib
 
@@ -87,8 +86,7 @@ def _settings(config) -> dict:
 def output_dir(config, workdir, step) -> pathlib.Path:
     """workdir/inpaint_step<N>_<method><steps>_<mask>_<hash of the settings>."""
     c = config.inpaint
-    settings = json.dumps(_settings(config), sort_keys=True)
-    digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+    digest = evaluation.settings_digest(_settings(config))
     mask = c.mask if c.mask in masks.KINDS else pathlib.Path(c.mask).name
     return pathlib.Path(workdir) / f"inpaint_step{step}_{c.method}{c.num_steps}_{mask}_{digest}"
 

@@ -4,6 +4,9 @@ Batches are dicts of numpy arrays, uint8 at the edge (the trainer scales to [-1,
   'image': uint8 [local_device_count, per_device_batch, image_size, image_size, num_channels]
   'label': int32 [local_device_count, per_device_batch]
   'mask':  bool  [local_device_count, per_device_batch]   (evaluation only)
+  'low_res': uint8 [local_device_count, per_device_batch, low_res_size, low_res_size,
+             num_channels]   (super-resolution, data.low_res_size > 0: 'image' area-
+             downsampled, after any flip, see area_downsample)
 
 Training order is a pure function of (seed, step), so a restarted run resumes exactly.
 Global position p = step * global_batch_size + i (0 <= i < global_batch_size) holds
@@ -32,6 +35,7 @@ Images already image_size x image_size pass through unchanged.
 
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterator
 
 import jax
@@ -107,6 +111,16 @@ def _resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.ensure_shape(cropped, [size, size, num_channels])
 
 
+def area_downsample(images: tf.Tensor, low_res_size: int) -> tf.Tensor:
+    """uint8 [N, S, S, C] -> uint8 [N, s, s, C], s = low_res_size: each pixel the mean of its
+    k x k block (k = S / s), rounded half to even (improved-diffusion's area downsampling)."""
+    _, size, _, channels = images.shape
+    k = size // low_res_size
+    blocks = tf.reshape(tf.cast(images, tf.float32), [-1, low_res_size, k, low_res_size, k,
+                                                      channels])  # fmt: skip
+    return tf.cast(tf.round(tf.reduce_mean(blocks, axis=[2, 4])), tf.uint8)
+
+
 def _decode(encoded: tf.Tensor, num_channels: int) -> tf.Tensor:
     """Encoded png/jpeg bytes -> uint8 [H, W, num_channels] (the decoder converts)."""
     return tf.cond(
@@ -148,6 +162,12 @@ def _list_images(path: str) -> tuple[list[str], list[int]]:
     return [os.path.join(path, rel) for rel in relative], labels
 
 
+def _op_message(error: tf.errors.OpError) -> str:
+    """The reason of a TensorFlow op error, without its '{{function_node ...}}' and '[Op:...]'."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", message, flags=re.S).strip()
+
+
 def _folder_source(data: ml_collections.ConfigDict) -> _Source:
     paths, labels = _list_images(data.path)
     paths_t = tf.constant(paths)
@@ -162,7 +182,7 @@ def _folder_source(data: ml_collections.ConfigDict) -> _Source:
             try:
                 _decode(tf.io.read_file(paths[index]), data.num_channels)
             except tf.errors.OpError as error:
-                return f"Cannot decode image file {paths[index]!r}: {error.message}"
+                return f"Cannot decode image file {paths[index]!r}: {_op_message(error)}"
         return None
 
     return _Source(load, np.asarray(labels), lambda i: f"file {paths[i]!r}", find_unreadable)
@@ -181,9 +201,19 @@ def _tfds_builder(data: ml_collections.ConfigDict):
 def _open_tfds_split(data: ml_collections.ConfigDict, split: str):
     """Returns (builder, tf.data.Dataset of the split in stored order); never downloads."""
     builder = _tfds_builder(data)
+    known = set(builder.info.splits)
+    # 'train[:10%]+test' names the splits 'train' and 'test'.
+    names = {part.split("[")[0].strip() for part in str(split).split("+")}
+    if known and not names <= known:
+        raise ValueError(
+            f"tfds dataset {data.dataset!r} has no split {sorted(names - known)}; "
+            f"it has {sorted(known)}."
+        )
     try:
         return builder, builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError:  # tfds's way of saying "not prepared"; never download here.
+    except AssertionError as error:  # tfds's way of saying "not prepared"; never download here.
+        if "could not find data" not in str(error):
+            raise
         raise ValueError(
             f"tfds dataset {data.dataset!r} is not prepared in data_dir={data.data_dir!r} and "
             "is not available offline (this pipeline never downloads). On a connected machine "
@@ -234,6 +264,12 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.image_size must be a positive int, got {data.image_size!r}.")
     if data.num_channels not in (1, 3):
         raise ValueError(f"data.num_channels must be 1 or 3, got {data.num_channels!r}.")
+    low_res_size = data.get("low_res_size", 0)
+    if low_res_size and (low_res_size < 1 or data.image_size % low_res_size):
+        raise ValueError(
+            f"data.low_res_size={low_res_size} must divide data.image_size={data.image_size}: "
+            "the low-res image is an area downsampling by an integer factor."
+        )
 
 
 def _make_source(data: ml_collections.ConfigDict, split: str) -> _Source:
@@ -273,10 +309,17 @@ def _shares(global_batch_size, process_index, process_count, local_device_count)
     return process_index, local_batch, devices, local_batch // devices
 
 
-def _batches(dataset, source, devices, per_device, indices_of_batch) -> Iterator[dict]:
-    """Batches `dataset`, reshapes to devices, and names the file behind a decode error."""
+def _batches(
+    dataset, source, devices, per_device, indices_of_batch, low_res_size=0
+) -> Iterator[dict]:
+    """Batches `dataset`, reshapes to devices, and names the file behind a decode error.
+
+    low_res_size > 0 adds 'low_res', the area-downsampled images (super-resolution).
+    """
 
     def to_devices(example):
+        if low_res_size:
+            example = {**example, "low_res": area_downsample(example["image"], low_res_size)}
         return {k: tf.reshape(v, [devices, per_device, *v.shape[1:]]) for k, v in example.items()}
 
     dataset = dataset.batch(devices * per_device, drop_remainder=True).map(to_devices)
@@ -378,7 +421,8 @@ def create_train_iter(
     signature = (tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch], tf.bool))
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
     dataset = dataset.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batches(dataset, source, devices, per_device, lambda b: batch_order(b)[0])
+    return _batches(dataset, source, devices, per_device, lambda b: batch_order(b)[0],
+                    data.get("low_res_size", 0))  # fmt: skip
 
 
 def create_eval_iter(
@@ -425,7 +469,8 @@ def create_eval_iter(
 
     dataset = tf.data.Dataset.range(num_batches * local_batch)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _batches(dataset, source, devices, per_device, indices_of_batch)
+    return _batches(dataset, source, devices, per_device, indices_of_batch,
+                    data.get("low_res_size", 0))  # fmt: skip
 
 
 def load_examples(

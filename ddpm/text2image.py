@@ -15,8 +15,6 @@ pipeline's documented s = 6 is w = 5, and its default s = 1 (no unconditional pa
 w = 0. The whole chain and the decoder run as one compiled function per device.
 """
 
-import hashlib
-import json
 import pathlib
 import shutil
 
@@ -220,16 +218,11 @@ def convert(config: ml_collections.ConfigDict, source, workdir) -> dict:
 def load(config, workdir):
     """(models, params, tokenizer, step) of the newest checkpoint in a converted workdir."""
     models = create_text2image_models(config)
-    checkpointer = checkpointing.Checkpointer(workdir)
-    try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"no checkpoint in {workdir}: write one with --mode=convert --source=DIR"
-            )
-        params = checkpointer.restore(abstract_params(config, models), step)
-    finally:
-        checkpointer.close()
+    params, step = checkpointing.restore_newest_in(
+        workdir,
+        abstract_params(config, models),
+        how_to_make_one="write one with --mode=convert --source=DIR (a pipeline folder)",
+    )
     tokenizer = PromptTokenizer.from_folder(
         pathlib.Path(workdir) / TOKENIZER_DIR, max_length=config.text_encoder.max_length
     )
@@ -239,13 +232,9 @@ def load(config, workdir):
 def output_dir(config, workdir, step, prompts) -> pathlib.Path:
     """workdir/text2image_step<N>_<sampler>_w<w>_<hash of prompts and settings>."""
     c = config.sampling
-    settings = {
-        "prompts": prompts,
-        "sampling": {k: c[k] for k in ("method", "num_steps", "eta", "clip_denoised")},
-        "image_size": config.data.image_size,
-        "seed": config.seed,
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    digest = evaluation.settings_digest(
+        {"prompts": prompts, **evaluation.sampling_settings(config)}
+    )
     name = f"text2image_step{step}_{evaluation.sampler_name(config)}_w{float(c.guidance_scale)}"
     return pathlib.Path(workdir) / f"{name}_{digest}"
 

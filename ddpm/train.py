@@ -9,7 +9,9 @@ continues exactly as one that never stopped.
 """
 
 import functools
+import itertools
 import pathlib
+import shutil
 import time
 
 import jax
@@ -20,7 +22,7 @@ import optax
 import tensorflow as tf
 from absl import logging
 
-from ddpm import checkpointing, evaluation, images, input_pipeline
+from ddpm import checkpointing, eval_job, evaluation, images, input_pipeline, super_resolution
 from ddpm import diffusion as D
 from ddpm.factories import (
     TrainState,
@@ -48,16 +50,20 @@ def drop_labels(labels, rng, global_index, *, rate: float, null_label: int):
 
 
 def train_step(
-    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, label_dropout=0.0
-):
+    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, label_dropout=0.0,
+    low_res_max_level=0,
+):  # fmt: skip
     """One update on this device's share of the global batch (run under pmap 'batch').
 
     Args:
       state: the replicated TrainState.
-      batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]}, this device's share.
+      batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]} (+ 'low_res' uint8
+        [b, h, w, C] for super-resolution), this device's share.
       rng: the run's key; folded with the step, and per example with its global index.
       label_dropout: for a class-conditional model, the probability of training an
         example with the null label (classifier-free guidance).
+      low_res_max_level: a noise-conditioned super-resolution model's largest
+        augmentation level (super_resolution.training_inputs).
     Returns:
       (new state, metrics averaged over all devices).
     """
@@ -81,12 +87,17 @@ def train_step(
             batch["label"], label_rng, global_index, rate=label_dropout, null_label=null
         )
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index("batch"))
+    # Super-resolution: batch['low_res'] (noised to random levels up to low_res_max_level).
+    low_res = super_resolution.training_inputs(
+        model, diffusion, batch, step_rng, global_index, low_res_max_level
+    )
 
     def loss_fn(params):
         def denoise_fn(x_t, model_t):
             return model.apply(
-                {"params": params}, x_t, model_t, labels, train=True, rngs={"dropout": dropout_rng}
-            )
+                {"params": params}, x_t, model_t, labels, train=True,
+                rngs={"dropout": dropout_rng}, **low_res,
+            )  # fmt: skip
 
         return jnp.mean(D.training_losses(diffusion, denoise_fn, x_start, t, noise)["loss"])
 
@@ -127,6 +138,7 @@ def make_train_step(config, model, diffusion, tx, devices=None):
         tx=tx,
         ema_decay=config.training.ema_decay,
         label_dropout=config.training.label_dropout,
+        low_res_max_level=super_resolution.max_noise_level(config),
     )
     return jax.pmap(
         step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices
@@ -165,6 +177,11 @@ class _Logger:
                 for name, value in metrics.items():
                     tf.summary.scalar(name, value, step=step)
 
+    def scalar(self, step, name, value):
+        if self.active:
+            with self.writer.as_default():
+                tf.summary.scalar(name, value, step=step)
+
     def image(self, step, name, image_uint8):
         if self.active:
             with self.writer.as_default():
@@ -184,26 +201,57 @@ def check_finite(metrics, step, last_step):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state."""
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
+
+    A start-up that fails (a bad config, missing data, no readable checkpoint) removes the
+    workdir again if it created it, so a typo leaves no empty run behind.
+    """
     if not 0.0 <= config.training.label_dropout <= 1.0:
         raise ValueError(
             f"training.label_dropout must be in [0, 1], got {config.training.label_dropout}"
         )
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the workdir {workdir}: {error.strerror}") from None
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    try:
+        state, train_iter = _start(config, checkpointer)
+        # Settings errors of sampling and FID also come before the first step.
+        model = create_model(config)
+        sampler = evaluation.make_sampler(config, model)
+        training_fid = None
+        if config.training.fid_every:
+            training_fid = eval_job.training_fid(config, model, workdir)
+    except BaseException:
+        checkpointer.close()
+        if created and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    model, diffusion, tx = (
-        create_model(config),
-        create_diffusion(config),
-        create_optimizer(config.optim),
-    )
-    rng = jax.random.key(config.seed)
-    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+    return _train(config, workdir, checkpointer, state, train_iter, sampler, training_fid)
 
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
-    # The data first: its errors (missing files, batch not divisible) come before compiling.
-    start_step = checkpointer.latest_step() or 0
+
+def _start(config, checkpointer):
+    """(state, train batches) to start from: the newest readable checkpoint, or a new state.
+
+    The checkpoint is only read and the data opened before anything compiles, so their
+    errors (missing files, a batch not divisible) come first.
+    """
+    model, tx = create_model(config), create_optimizer(config.optim)
+    init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
+    init_fn = jax.jit(lambda: create_train_state(config, model, tx, init_rng))
+    restored = checkpointer.restore_newest(jax.eval_shape(init_fn), set_aside_damaged=True)
+    start_step = 0 if restored is None else restored[1]
+    if restored is not None and int(restored[0].step) != start_step:
+        raise ValueError(
+            f"checkpoint {checkpointer.directory / str(start_step)} holds a train state at step "
+            f"{int(restored[0].step)}, not {start_step}: it was not written by training (e.g. "
+            "by --mode=convert). Train in another workdir with config.init_from set to this one."
+        )
     train_iter = input_pipeline.create_train_iter(
         config.data,
         global_batch_size=config.training.batch_size,
@@ -211,20 +259,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         start_step=start_step,
         num_classes=config.model.num_classes,
     )
-    state = checkpointing.restore_or_initialize(
-        checkpointer,
-        jax.jit(lambda: create_train_state(config, model, tx, init_rng)),
-        init_from=config.init_from,
-        from_params=lambda p: state_from_params(p, tx),
+    # Decoded now: a file that does not decode fails the start, not the first step.
+    train_iter = itertools.chain([next(train_iter)], train_iter)
+    if restored is not None:
+        logging.info("Resuming from %s, step %d", checkpointer.directory, start_step)
+        return restored[0], train_iter
+    state = checkpointing.initialize(
+        init_fn, init_from=config.init_from, from_params=lambda p: state_from_params(p, tx)
     )
-    assert int(state.step) == start_step, (int(state.step), start_step)
+    return state, train_iter
+
+
+def _train(config, workdir, checkpointer, state, train_iter, sampler, training_fid):
+    """The train loop from `state` to training.num_train_steps; saves, logs and samples.
+
+    training_fid: None, or ema_params -> FID, called every training.fid_every steps.
+    """
+    model, diffusion, tx = (
+        create_model(config),
+        create_diffusion(config),
+        create_optimizer(config.optim),
+    )
+    _, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+    start_step = int(state.step)
     state = replicated(state)
     p_train_step = make_train_step(config, model, diffusion, tx)
-    sampler = evaluation.make_sampler(config, model)
     logger = _Logger(workdir, config.training.num_train_steps)
     preemption = checkpointing.PreemptionFlag()
     num_steps = config.training.num_train_steps
     last_logged = start_step
+    fid_every = config.training.fid_every
     logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
     try:
         for step in range(start_step + 1, num_steps + 1):
@@ -238,6 +302,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             grid_due = step % config.training.sample_every == 0 or step == num_steps
             if config.training.num_grid_samples and grid_due:
                 write_sample_grid(config, sampler, state, sample_rng, step, workdir, logger)
+            if training_fid and (step % fid_every == 0 or step == num_steps):
+                value = training_fid(state.ema_params)
+                logging.info("step %d  FID %.3f (EMA, %d samples)", step, value,
+                             config.training.fid_num_samples)  # fmt: skip
+                logger.scalar(step, "fid", value)
             # Read once: a signal between two reads would save the same step twice.
             stopping = preemption.is_set()
             if stopping or step % config.training.checkpoint_every == 0 or step == num_steps:

@@ -1,6 +1,7 @@
 """--mode=sample and --mode=eval on a tiny random model, on 8 fake CPU devices."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ import tiny
 from PIL import Image
 
 from ddpm import diffusion as D
-from ddpm import evaluation, factories, images
+from ddpm import eval_job, evaluation, factories, images, input_pipeline
 
 
 def tiny_config():
@@ -34,7 +35,7 @@ def workdir(tmp_path_factory):
 def test_sample_mode_writes_npz_and_grid_and_resumes(workdir):
     config = tiny_config()
     samples = evaluation.sample(config, workdir)
-    out = workdir / "samples_step7_ddpm10_seed0"
+    (out,) = workdir.glob("samples_step7_ddpm10_seed0_*")  # + a hash of the settings
     saved = np.load(out / "samples.npz")["images"]
     np.testing.assert_array_equal(saved, samples)
     assert saved.shape == (20, 8, 8, 3) and saved.dtype == np.uint8 and saved.std() > 0
@@ -68,7 +69,7 @@ def test_samples_do_not_depend_on_the_device_count(workdir):
 def test_eval_bits_per_dim_equals_calc_bpd_loop_called_directly(workdir):
     config = tiny_config()
     with tfds.testing.mock_data(num_examples=40):
-        results = evaluation.evaluate(config, workdir)
+        results = eval_job.evaluate(config, workdir)
         batches = list(evaluation.input_pipeline.create_eval_iter(
             config.data, split="train", global_batch_size=16))  # fmt: skip
     model, params, _ = evaluation.load_ema_params(config, workdir)
@@ -89,13 +90,13 @@ def test_eval_bits_per_dim_equals_calc_bpd_loop_called_directly(workdir):
     assert results["bpd_num_examples"] == len(direct) == 40
     np.testing.assert_allclose(results["bpd"], direct.mean(), rtol=1e-5)
     assert 0 < results["bpd"] < 100
-    saved = json.loads((workdir / f"eval_step7_{evaluation.sampler_name(config)}.json").read_text())
+    saved = json.loads((workdir / f"{eval_job.results_name(config, 7)}.json").read_text())
     assert saved == results and saved["step"] == 7
 
 
 def test_eval_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first, or write one with --mode=convert"):
-        evaluation.evaluate(tiny_config(), tmp_path)
+        eval_job.evaluate(tiny_config(), tmp_path)
 
 
 def test_bad_sampling_settings_raise():
@@ -116,3 +117,65 @@ def test_respaced_ddpm_sampler_walks_the_kept_steps():
     full = factories.create_diffusion(config)
     np.testing.assert_allclose(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map], rtol=1e-6)
     assert jnp.all(d.betas > 0)
+
+
+def index_draw(mine):
+    """A stand-in sampler whose 'image' is its own global index: stale chunks show."""
+    return np.asarray(mine, np.int32)[:, None]
+
+
+@pytest.mark.parametrize("first,second", [((20, 16), (30, 16)), ((20, 16), (20, 8))])
+def test_cached_chunks_never_serve_other_indices(tmp_path, first, second):
+    # The same folder, another count or batch size: what comes back is still 0..n-1.
+    for num, batch in (first, second, first):
+        config = tiny_config()
+        config.sampling.batch_size = batch
+        got = np.concatenate(list(evaluation.chunks(config, index_draw, num, tmp_path)))
+        np.testing.assert_array_equal(got[:, 0], np.arange(num))
+
+
+def test_every_setting_that_changes_samples_changes_their_folder():
+    base = evaluation.sampling_settings(tiny_config())
+    changes = {
+        "sampling.batch_size": 8, "sampling.method": "ddim", "sampling.num_steps": 5,
+        "sampling.eta": 1.0, "sampling.clip_denoised": False, "sampling.guidance_scale": 2.0,
+        "diffusion.schedule": "cosine",
+    }  # fmt: skip
+    digests = {evaluation.settings_digest(base)}
+    for key, value in {**changes, "seed": 1}.items():
+        config = tiny_config()
+        if key == "seed":
+            config.seed = value
+        else:
+            config[key.split(".")[0]][key.split(".")[1]] = value
+        digests.add(evaluation.settings_digest(evaluation.sampling_settings(config)))
+    assert len(digests) == len(changes) + 2
+
+
+def test_two_seeds_keep_their_own_results_and_bpd_batches_shrink_to_the_examples(workdir):
+    results = {}
+    for seed in (0, 1):
+        config = tiny_config()
+        config.update(seed=seed)
+        config.eval.update(bpd_num_examples=8, bpd_split="test")
+        with tfds.testing.mock_data(num_examples=40):
+            results[seed] = eval_job.evaluate(config, workdir)
+        saved = json.loads((workdir / f"{eval_job.results_name(config, 7)}.json").read_text())
+        assert saved == results[seed] and saved["settings"]["seed"] == seed
+        # eval.bpd_num_examples=8 on 8 devices: one batch of 8, not eval.batch_size=16.
+        assert eval_job.bpd_batch_size(config) == 8 and saved["bpd_num_examples"] == 8
+    assert results[0]["bpd"] != results[1]["bpd"]  # each seed's own noise, not a cache hit
+
+
+def test_a_missing_split_fails_before_anything_is_sampled(workdir, monkeypatch):
+    # A prepared tfds dataset's metadata lists its splits (tfds's mock data lists none).
+    info = types.SimpleNamespace(splits={"train": None, "test": None})
+    builder = types.SimpleNamespace(info=info)
+    monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda data: builder)
+    config = tiny_config()
+    config.eval.update(num_samples=10, bpd_split="validation")
+    before = sorted(p.name for p in workdir.iterdir())
+    message = r"eval.bpd_split='validation' cannot be read .*has no split \['validation'\]"
+    with pytest.raises(ValueError, match=message):
+        eval_job.evaluate(config, workdir)
+    assert sorted(p.name for p in workdir.iterdir()) == before

@@ -48,16 +48,27 @@ def flags(overrides=None) -> list[str]:
     ]
 
 
+def random_params(config, model, tx):
+    """Params of `model` moved off their zero-initialised layers (so outputs vary with
+    the input); one compiled program, not op by op."""
+
+    def make():
+        state = factories.create_train_state(config, model, tx, jax.random.key(0))
+        leaves, tree = jax.tree.flatten(state.params)
+        keys = jax.random.split(jax.random.key(1), len(leaves))
+        moved = [
+            p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)
+        ]
+        return jax.tree.unflatten(tree, moved)
+
+    return jax.jit(make)()
+
+
 def write_random_checkpoint(config, workdir, step: int = 7) -> None:
-    """A checkpoint at `step` of a random model whose output layer is not zero (so
-    outputs vary with the input): what the sample, eval and inpaint tests load."""
+    """A checkpoint at `step` of a random model (random_params): what the sample, eval,
+    inpaint and upsample tests load."""
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
-    leaves, tree = jax.tree.flatten(state.params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
+    params = random_params(config, model, tx)
     checkpointer = checkpointing.Checkpointer(workdir)
     checkpointer.save(step, factories.state_from_params(params, tx), force=True)
     checkpointer.close()

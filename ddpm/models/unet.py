@@ -9,7 +9,8 @@ adds a projection of the sinusoidal timestep embedding.
 Parameter names follow the official code, flattened: `conv_in`, `temb_dense_0/1`,
 `down_{level}_block_{i}`, `down_{level}_attn_{i}`, `down_{level}_downsample`,
 `mid_block_0`, `mid_attn`, `mid_block_1`, `up_{level}_block_{i}`, `up_{level}_attn_{i}`,
-`up_{level}_upsample`, `norm_out`, `conv_out` (and `class_embed` when class-conditional).
+`up_{level}_upsample`, `norm_out`, `conv_out` (and `class_embed` when class-conditional,
+`low_res_level_dense_0/1` when told the noise level of a super-resolution input).
 `level` counts resolution levels from the full-size one (0) downwards, on both paths.
 """
 
@@ -217,6 +218,10 @@ class UNet(nn.Module):
       out_channels: output channels (3 for eps, 6 for eps + learned variance).
       num_classes: if set, class-conditional; label `num_classes` means "no class"
         (for classifier-free guidance) and is used when y is None.
+      low_res_conditioned: super-resolution (SR3; improved-diffusion's SuperResModel): the
+        network takes `low_res`, upsampled to x's size and concatenated to x's channels.
+      low_res_noise_conditioned: also takes `low_res_level` [B], the noise level of the
+        low-res input (noise-conditioning augmentation), embedded like the timestep.
       dtype: compute dtype (e.g. jnp.bfloat16); the output is always float32.
       param_dtype: parameter dtype.
     """
@@ -231,6 +236,29 @@ class UNet(nn.Module):
     num_classes: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    low_res_conditioned: bool = False
+    low_res_noise_conditioned: bool = False
+
+    def _check_low_res(self, x, low_res, low_res_level) -> None:
+        """A clear ValueError for a low-res input that the network was not built for."""
+        if not self.low_res_conditioned:
+            if low_res is not None or low_res_level is not None:
+                raise ValueError("low_res given, but the UNet has low_res_conditioned=False")
+            return
+        if low_res is None:
+            raise ValueError(
+                "this super-resolution UNet needs low_res [B, h, w, C] (to sample from a "
+                "super-resolution config: --mode=upsample)"
+            )
+        if low_res.ndim != 4 or low_res.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"low_res must be NHWC [{x.shape[0]}, h, w, C], got {tuple(low_res.shape)}"
+            )
+        if self.low_res_noise_conditioned != (low_res_level is not None):
+            raise ValueError(
+                "low_res_level [B] is needed exactly when low_res_noise_conditioned "
+                f"(={self.low_res_noise_conditioned})"
+            )
 
     def _check_inputs(self, x, t, y) -> None:
         """Raise a clear ValueError for inputs the network cannot take, before any layer runs."""
@@ -247,7 +275,14 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array | None = None,
+        *,
+        train: bool,
+        low_res: jax.Array | None = None,
+        low_res_level: jax.Array | None = None,
     ) -> jax.Array:
         """Predict eps (and optionally the variance interpolation) for noisy images.
 
@@ -256,11 +291,17 @@ class UNet(nn.Module):
           t: [B] timesteps in {0, ..., T-1}.
           y: [B] class labels in {0, ..., num_classes}, or None.
           train: enables dropout (needs a 'dropout' rng).
+          low_res: [B, h, w, C_lr] low-resolution images in [-1, 1] (super-resolution
+            models only); any h, w: bicubic (Keys a = -0.5) upsampled to H, W, not clipped
+            (the overshoot is information the network may use), antialias irrelevant
+            for upsampling.
+          low_res_level: [B] noise level of low_res (noise-conditioned models only).
 
         Returns:
           [B, H, W, out_channels] float32.
         """
         self._check_inputs(x, t, y)
+        self._check_low_res(x, low_res, low_res_level)
         dt, pdt = self.dtype, self.param_dtype
         num_levels = len(self.ch_mult)
         temb = timestep_embedding(t, self.ch)
@@ -273,6 +314,17 @@ class UNet(nn.Module):
             temb = temb + nn.Embed(
                 self.num_classes + 1, 4 * self.ch, dtype=dt, param_dtype=pdt, name="class_embed"
             )(y)
+        if low_res_level is not None:
+            # A second sinusoid MLP, added like the class embedding (cascaded diffusion, Ho
+            # et al. 2021: the augmentation level conditions the model like the timestep).
+            level = timestep_embedding(low_res_level, self.ch)
+            level = dense(4 * self.ch, "low_res_level_dense_0", dt, pdt)(level)
+            temb = temb + dense(4 * self.ch, "low_res_level_dense_1", dt, pdt)(nn.swish(level))
+        if low_res is not None:
+            upsampled = jax.image.resize(
+                low_res.astype(jnp.float32), (*x.shape[:3], low_res.shape[-1]), "bicubic"
+            )
+            x = jnp.concatenate([x.astype(jnp.float32), upsampled], axis=-1)
 
         def res_block(h, out_ch, name):
             return ResnetBlock(out_ch, self.dropout, dt, pdt, name=name)(h, temb, train=train)
