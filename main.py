@@ -47,14 +47,16 @@ def main(argv):
         jax.local_devices(),
     )
 
-    from ddpm import convert, eval_job, evaluation, inpaint_job, text2image, train
+    from ddpm import convert, eval_job, evaluation, inpaint_job, super_resolution, text2image, train
 
     if config.pipeline == "text2image":
         if FLAGS.mode == "sample":
             text2image.sample(config, FLAGS.workdir)
         else:
             text2image.convert(config, FLAGS.source, FLAGS.workdir)
-    elif FLAGS.mode == "upsample" or (FLAGS.mode == "eval" and config.data.get("low_res_size")):
+    elif FLAGS.mode == "upsample" or (
+        FLAGS.mode == "eval" and super_resolution.is_super_resolution(config)
+    ):
         from ddpm import sr_eval_job, upsample_job  # super-resolution (data.low_res_size > 0)
 
         (upsample_job.upsample if FLAGS.mode == "upsample" else sr_eval_job.evaluate)(

@@ -146,11 +146,8 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
             denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1])
         else:
             denoise_fn = denoiser(model, params)
-        if config.sampling.method == "ddim":
-            return samplers.ddim_sample(
-                d, denoise_fn, keys, shape, eta=config.sampling.eta, clip_denoised=clip
-            )
-        return samplers.ddpm_sample(d, denoise_fn, keys, shape, clip_denoised=clip)
+        method, eta = config.sampling.method, config.sampling.eta
+        return samplers.sample(d, denoise_fn, keys, shape, method, eta=eta, clip_denoised=clip)
 
     mapped = over_devices(sample, num_replicated=2, devices=devices)
 

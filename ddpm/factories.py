@@ -46,7 +46,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
         out_channels=config.data.num_channels * (2 if learned_var else 1),
         num_classes=config.model.num_classes or None,
         dtype=DTYPES[config.model.dtype],
-        low_res_conditioned=bool(config.data.get("low_res_size")),
+        low_res_conditioned=super_resolution.is_super_resolution(config),
         low_res_noise_conditioned=bool(config.model.get("low_res_noise")),
     )
 

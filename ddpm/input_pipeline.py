@@ -44,6 +44,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddpm import super_resolution
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Keeps this stream apart from other uses of the same seed.
 _ORDER_SALT = 0x5F1E
@@ -264,12 +266,7 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.image_size must be a positive int, got {data.image_size!r}.")
     if data.num_channels not in (1, 3):
         raise ValueError(f"data.num_channels must be 1 or 3, got {data.num_channels!r}.")
-    low_res_size = data.get("low_res_size", 0)
-    if low_res_size and (low_res_size < 1 or data.image_size % low_res_size):
-        raise ValueError(
-            f"data.low_res_size={low_res_size} must divide data.image_size={data.image_size}: "
-            "the low-res image is an area downsampling by an integer factor."
-        )
+    super_resolution.check_low_res_size(data)
 
 
 def _make_source(data: ml_collections.ConfigDict, split: str) -> _Source:

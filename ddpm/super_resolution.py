@@ -37,6 +37,16 @@ def max_noise_level(config: ml_collections.ConfigDict) -> int:
     return round(config.model.get("low_res_noise", 0.0) * config.diffusion.num_timesteps)
 
 
+def check_low_res_size(data: ml_collections.ConfigDict) -> None:
+    """ValueError unless data.low_res_size is 0 (no super-resolution) or divides image_size."""
+    low_res_size = data.get("low_res_size", 0)
+    if low_res_size and (low_res_size < 1 or data.image_size % low_res_size):
+        raise ValueError(
+            f"data.low_res_size={low_res_size} must divide data.image_size={data.image_size}: "
+            "the low-res image is an area downsampling by an integer factor."
+        )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Super-resolution settings a model cannot be built with: one clear ValueError."""
     size, noise = config.data.get("low_res_size", 0), config.model.get("low_res_noise", 0.0)
@@ -47,11 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "(data.low_res_size > 0)"
             )
         return
-    if size < 1 or config.data.image_size % size:
-        raise ValueError(
-            f"data.low_res_size={size} must divide data.image_size={config.data.image_size}: "
-            "the low-res image is an area downsampling by an integer factor"
-        )
+    check_low_res_size(config.data)
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"model.low_res_noise must be in [0, 1] (a fraction of T), got {noise}")
     if config.training.num_grid_samples or config.training.get("fid_every", 0):
