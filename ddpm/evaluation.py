@@ -348,28 +348,17 @@ def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
     if path.exists():
         return fid.load_statistics(path)
     stats = fid.RunningStatistics(2048)
-    global_batch = config.eval.batch_size
-    local_batch = global_batch // jax.process_count()
     batches = input_pipeline.create_eval_iter(
-        d, split=config.eval.split, global_batch_size=global_batch
+        d, split=config.eval.split, global_batch_size=config.eval.batch_size, positions=subset
     )
-    # The kept images go through the network in batches of one size (the last one padded),
-    # so it compiles once, not once per count that a subset leaves in a batch.
-    pending = np.zeros((0, d.image_size, d.image_size, d.num_channels), np.uint8)
-    for i, batch in enumerate(
-        tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index())
-    ):
-        keep = batch["mask"].reshape(-1)
-        if subset is not None:  # this process's positions, as create_eval_iter lays them out
-            first = i * global_batch + jax.process_index() * local_batch
-            keep = keep & np.isin(first + np.arange(local_batch), subset)
-        pending = np.concatenate([pending, batch["image"].reshape(-1, *pending.shape[1:])[keep]])
-        while len(pending) >= local_batch:
-            stats.update(extractor(pending[:local_batch])[0])
-            pending = pending[local_batch:]
-    if len(pending):
-        padded = np.concatenate([pending, np.repeat(pending[:1], local_batch - len(pending), 0)])
-        stats.update(extractor(padded)[0][: len(pending)])
+    for batch in tqdm.tqdm(batches, desc="reference statistics", disable=jax.process_index()):
+        features = extractor(batch["image"].reshape(-1, *batch["image"].shape[2:]))[0]
+        # Every process adds every process's features: the statistics are of the whole split.
+        features, keep = (
+            np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            for x in (features, batch["mask"].reshape(-1))
+        )
+        stats.update(features[keep])
     mu, sigma = stats.mean_and_covariance()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -427,21 +427,29 @@ def create_eval_iter(
     *,
     split: str,
     global_batch_size: int,
+    positions: np.ndarray | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
     local_device_count: int | None = None,
 ) -> Iterator[dict]:
-    """One pass over `split` in stored order: no shuffle, no flip.
+    """One pass over `split` in stored order (or over its examples `positions`, in that
+    order): no shuffle, no flip.
 
-    Yields ceil(N / global_batch_size) batches on every process, each {'image': uint8
-    [D, B, S, S, C], 'label': int32 [D, B], 'mask': bool [D, B]}; padding positions past
-    the end have mask False, a zero image and label 0.
+    Yields ceil(N / global_batch_size) batches on every process (N examples, or
+    len(positions)), each {'image': uint8 [D, B, S, S, C], 'label': int32 [D, B], 'mask':
+    bool [D, B]}; padding positions past the end have mask False, a zero image and label 0.
     """
     process_index, local_batch, devices, per_device = _shares(
         global_batch_size, process_index, process_count, local_device_count
     )
     source = _make_source(data, split)
-    n = source.num_examples
+    if positions is None:
+        positions = np.arange(source.num_examples)
+    positions = np.asarray(positions, np.int64)
+    if positions.size and not 0 <= positions.min() <= positions.max() < source.num_examples:
+        raise ValueError(f"positions outside the {source.num_examples} examples of {split!r}")
+    n = len(positions)
+    positions_t = tf.constant(positions)
     num_batches = -(-n // global_batch_size)
     shape = (data.image_size, data.image_size, data.num_channels)
 
@@ -454,15 +462,15 @@ def create_eval_iter(
         mask = position < n
         image, label = tf.cond(
             mask,
-            lambda: source.load(position),
+            lambda: source.load(positions_t[position]),
             lambda: (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32)),
         )
         return {"image": image, "label": label, "mask": mask}
 
     def indices_of_batch(batch_number):
         first = batch_number * local_batch
-        positions = [position_of(q) for q in range(first, first + local_batch)]
-        return [p for p in positions if p < n]
+        found = [position_of(q) for q in range(first, first + local_batch)]
+        return [positions[p] for p in found if p < n]
 
     dataset = tf.data.Dataset.range(num_batches * local_batch)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -179,3 +179,23 @@ def test_a_missing_split_fails_before_anything_is_sampled(workdir, monkeypatch):
     with pytest.raises(ValueError, match=message):
         eval_job.evaluate(config, workdir)
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+@pytest.mark.parametrize("num_reference", [0, 13])
+def test_reference_statistics_are_those_of_the_chosen_images(tmp_path, num_reference):
+    """eval.num_reference picks a fixed subset; every image of it, and nothing else, counts
+    (float64 numpy mean and covariance of the same features, taken from load_examples)."""
+    config = tiny.overridden(tiny_config(), {"eval.num_reference": num_reference})
+    projection = np.random.default_rng(0).standard_normal((8 * 8 * 3, 2048))
+
+    def extractor(images_uint8):  # stands in for Inception: a fixed linear map
+        return (images_uint8.reshape(len(images_uint8), -1) / 255.0) @ projection, None
+
+    with tfds.testing.mock_data(num_examples=40):
+        mu, sigma = evaluation.reference_statistics(config, extractor, tmp_path)
+        real, _ = input_pipeline.load_examples(config.data, "train")
+    chosen = real if not num_reference else real[np.sort(
+        np.random.default_rng(0).permutation(40)[:num_reference])]  # fmt: skip
+    features = (chosen.reshape(len(chosen), -1) / 255.0) @ projection
+    np.testing.assert_allclose(mu, features.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-7, atol=1e-7)
