@@ -5,7 +5,7 @@ accelerators, and hands over to the library. Any config field can be overridden:
 --config.training.batch_size=64.
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 MODES = ("train", "sample", "eval", "inpaint", "convert", "upsample")
@@ -36,16 +36,11 @@ def main(argv):
     # TensorFlow only feeds data: it must not claim GPU or TPU memory that JAX needs.
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
-    import jax
+    from ddpm import platform
 
     if config.distributed:
-        jax.distributed.initialize()
-    logging.info(
-        "JAX process %d/%d, local devices: %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_devices(),
-    )
+        platform.initialize_distributed()
+    platform.log_devices()
 
     from ddpm import convert, eval_job, evaluation, inpaint_job, super_resolution, text2image, train
 

@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.log_every = 100  # Console line and TensorBoard scalars.
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3  # The newest K periodic checkpoints are kept.
+    # > 0: also keep every checkpoint whose step is a multiple of keep_every (for FID-
+    # versus-steps curves); it should be a multiple of checkpoint_every. 0: only the newest.
+    training.keep_every = 0
     training.sample_every = 20_000  # A grid of EMA samples to TensorBoard and a PNG.
     training.num_grid_samples = 64  # 0: no sample grids. Conditional: one row per class.
     # Class-conditional models: the probability that an example's label is replaced by the

@@ -6,6 +6,10 @@ Saves are asynchronous; `close()` waits for them, so nothing is lost on exit. A 
 killed mid-save leaves only orbax's temporary directory (the step directory appears by an
 atomic rename when the save is complete), so the previous checkpoint is still the newest
 one; a checkpoint damaged afterwards (truncated or missing files) is skipped on restore.
+
+With several processes, states are saved and restored as global arrays replicated over
+every device of every process (what orbax writes once, from process 0's copy), and
+handed to the train step as each process's host-local copy.
 """
 
 import os
@@ -18,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -28,38 +33,67 @@ CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
-class Checkpointer:
-    """An orbax CheckpointManager over `workdir/checkpoints`, keeping the newest `keep`."""
+def _replicated_everywhere() -> jax.sharding.NamedSharding:
+    """Replicated over all devices of all processes: how a train state is kept."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def __init__(self, workdir, *, keep: int = 3, create: bool = True):
+
+def to_global(tree):
+    """Each process's host-local replicated copy -> one global array (what orbax saves)."""
+    if jax.process_count() == 1:
+        return tree
+    sharding = _replicated_everywhere()
+    return multihost_utils.host_local_array_to_global_array(tree, sharding.mesh, sharding.spec)
+
+
+def to_host_local(tree):
+    """A global replicated array -> this process's copy (what the pmapped step takes)."""
+    if jax.process_count() == 1:
+        return tree
+    sharding = _replicated_everywhere()
+    return multihost_utils.global_array_to_host_local_array(tree, sharding.mesh, sharding.spec)
+
+
+def _restore_args(abstract, partial: bool):
+    """orbax restore arguments: every leaf replicated everywhere; `partial` restores just
+    the subtree that `abstract` names (e.g. {'ema_params': ...}) of a larger checkpoint."""
+    sharding = _replicated_everywhere()
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
+    )
+    if not partial:
+        return ocp.args.StandardRestore(abstract)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+
+
+class Checkpointer:
+    """An orbax CheckpointManager over `workdir/checkpoints`: keeps the newest `keep`, and
+    also every step that is a multiple of `keep_every` (when > 0)."""
+
+    def __init__(self, workdir, *, keep: int = 3, keep_every: int = 0, create: bool = True):
         """`create=False` for readers (sample, eval): a wrong workdir is not created."""
         directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
         self.directory = directory
-        self.manager = ocp.CheckpointManager(
-            directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_every or None, create=create
         )
+        self.manager = ocp.CheckpointManager(directory, options=options)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def restore(self, abstract_state, step: int | None = None):
-        """Restores `step` (default: the newest) into the structure of `abstract_state`."""
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-
-    def restore_newest(self, abstract_state, *, set_aside_damaged: bool = False):
+    def restore_newest(self, abstract_state, *, set_aside_damaged: bool = False,
+                       partial: bool = False):  # fmt: skip
         """(state, step) of the newest checkpoint that reads back whole; None if there is none.
 
         A checkpoint that does not read is skipped with a one-line warning naming it, and
         the one before it is tried. `set_aside_damaged` (training) moves skipped ones to
         workdir/damaged_checkpoints/. Raises only when checkpoints exist and none reads.
+        `partial`: abstract_state names a subtree of the saved one, and only it is read.
         """
         steps, skipped = sorted(self.manager.all_steps(), reverse=True), []
         for step in steps:
             try:
-                state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+                state = self.manager.restore(step, args=_restore_args(abstract_state, partial))
             # orbax and tensorstore report missing or truncated files as FileNotFoundError,
             # ValueError, JSONDecodeError or a bare Exception, depending on the file.
             except Exception as error:  # noqa: BLE001
@@ -72,7 +106,7 @@ class Checkpointer:
                 continue
             if set_aside_damaged and skipped:
                 self._set_aside(skipped)
-            return state, step
+            return to_host_local(state), step
         if steps:  # nothing is moved: a restart must not quietly begin from scratch
             raise RuntimeError(
                 f"no checkpoint in {self.directory} can be read (steps {steps}; see the "
@@ -95,7 +129,7 @@ class Checkpointer:
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Starts an asynchronous save of `state` at `step`; returns whether it saved."""
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        return self.manager.save(step, args=ocp.args.StandardSave(to_global(state)), force=force)
 
     def close(self) -> None:
         """Waits for every pending save to be on disk."""
@@ -103,19 +137,32 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_newest_in(workdir, abstract_state, *, how_to_make_one: str):
+def restore_newest_in(workdir, abstract_state, *, how_to_make_one: str, partial: bool = False):
     """(state, step) of the newest readable checkpoint of a run's workdir, for readers.
 
     Raises FileNotFoundError naming the workdir and `how_to_make_one` when it has none.
+    `partial`: read only the subtree that abstract_state names (Checkpointer.restore_newest).
     """
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        restored = checkpointer.restore_newest(abstract_state)
+        restored = checkpointer.restore_newest(abstract_state, partial=partial)
     finally:
         checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}: {how_to_make_one}")
     return restored
+
+
+def restore_ema_params(workdir, abstract_params, *, how_to_make_one: str):
+    """(EMA params, step) of the newest readable checkpoint of `workdir`.
+
+    Only the EMA params are read, so a run whose optimiser state has another structure
+    (another optim config) still serves sampling, evaluation and init_from.
+    """
+    restored, step = restore_newest_in(
+        workdir, {"ema_params": abstract_params}, how_to_make_one=how_to_make_one, partial=True
+    )
+    return restored["ema_params"], step
 
 
 def initialize(
@@ -134,15 +181,24 @@ def initialize(
     """
     if not init_from:
         return init_fn()
-    source = Checkpointer(init_from, create=False)
-    try:
-        restored = source.restore_newest(jax.eval_shape(init_fn))
-    finally:
-        source.close()
-    if restored is None:
-        raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint")
-    logging.info("Initialising from the EMA params of %s, step %d", init_from, restored[1])
-    return from_params(restored[0].ema_params)
+    params, step = restore_ema_params(
+        init_from, jax.eval_shape(init_fn).ema_params,
+        how_to_make_one=f"config.init_from={init_from!r} must name a run's workdir",
+    )  # fmt: skip
+    logging.info("Initialising from the EMA params of %s, step %d", init_from, step)
+    return from_params(params)
+
+
+def agreed(flag: bool) -> bool:
+    """Whether `flag` is set on any process (every process gets the same answer).
+
+    A signal reaches one process, but all must enter the collective save of the same
+    step and stop together; one process stopping alone would leave the others waiting
+    in the next step's collectives.
+    """
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
 class PreemptionFlag:

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from ddpm import checkpointing, guidance, images, input_pipeline, samplers
 from ddpm import diffusion as D
-from ddpm.factories import create_diffusion, create_model, create_optimizer, create_train_state
+from ddpm.factories import create_diffusion, create_model, init_params
 from ddpm.metrics import classifier, fid, inception
 
 # fold_in purposes of the run's key, kept apart from training's.
@@ -249,24 +249,19 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
     return chunks(config, draw, num_samples, out_dir)
 
 
-def restore_train_state(config, workdir):
-    """(model, newest TrainState in workdir, its checkpoint step): what sample and eval load.
-
-    The checkpoint's step names the outputs; a converted checkpoint is step 0 whatever its
-    state.step, and training saves each state under its own step, so the two agree there.
-    """
-    model, tx = create_model(config), create_optimizer(config.optim)
-    abstract = jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
-    state, step = checkpointing.restore_newest_in(
-        workdir, abstract, how_to_make_one="train first, or write one with --mode=convert"
-    )
-    return model, state, step
-
-
 def load_ema_params(config, workdir):
-    """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights."""
-    model, state, step = restore_train_state(config, workdir)
-    return model, state.ema_params, step
+    """(model, EMA params, step) of the newest checkpoint: the paper evaluates EMA weights.
+
+    Only the EMA params are read: a run trained with another optimiser config serves too.
+    The checkpoint's step names the outputs; a converted checkpoint is step 0.
+    """
+    model = create_model(config)
+    abstract = jax.eval_shape(lambda: init_params(config, model, jax.random.key(0)))
+    params, step = checkpointing.restore_ema_params(
+        workdir, abstract,
+        how_to_make_one="train first, or write one with --mode=convert",
+    )  # fmt: skip
+    return model, params, step
 
 
 def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:

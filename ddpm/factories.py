@@ -127,12 +127,17 @@ def create_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransfor
 
 
 def create_train_state(config, model: UNet, tx: optax.GradientTransformation, rng) -> TrainState:
+    return state_from_params(init_params(config, model, rng), tx)
+
+
+def init_params(config, model: UNet, rng):
+    """Freshly initialised params of `model` for the config's image size and inputs."""
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     low_res = super_resolution.example_inputs(config, model)
-    return state_from_params(model.init(rng, x, t, y, train=False, **low_res)["params"], tx)
+    return model.init(rng, x, t, y, train=False, **low_res)["params"]
 
 
 def state_from_params(params, tx) -> TrainState:

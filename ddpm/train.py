@@ -86,18 +86,24 @@ def train_step(
         labels = drop_labels(
             batch["label"], label_rng, global_index, rate=label_dropout, null_label=null
         )
-    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index("batch"))
+    dropout_keys = evaluation.sample_keys(dropout_rng, global_index)
     # Super-resolution: batch['low_res'] (noised to random levels up to low_res_max_level).
     low_res = super_resolution.training_inputs(
         model, diffusion, batch, step_rng, global_index, low_res_max_level
     )
 
     def loss_fn(params):
-        def denoise_fn(x_t, model_t):
-            return model.apply(
-                {"params": params}, x_t, model_t, labels, train=True,
-                rngs={"dropout": dropout_rng}, **low_res,
+        def denoise_one(x_t, model_t, label, dropout_key, low_res):
+            """One example: its dropout masks come from its own key, as its t and noise do."""
+            out = model.apply(
+                {"params": params}, x_t[None], model_t[None],
+                None if label is None else label[None], train=True,
+                rngs={"dropout": dropout_key}, **jax.tree.map(lambda a: a[None], low_res),
             )  # fmt: skip
+            return out[0]
+
+        def denoise_fn(x_t, model_t):
+            return jax.vmap(denoise_one)(x_t, model_t, labels, dropout_keys, low_res)
 
         return jnp.mean(D.training_losses(diffusion, denoise_fn, x_start, t, noise)["loss"])
 
@@ -210,13 +216,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         raise ValueError(
             f"training.label_dropout must be in [0, 1], got {config.training.label_dropout}"
         )
+    keep_every, checkpoint_every = config.training.keep_every, config.training.checkpoint_every
+    if keep_every < 0 or keep_every % checkpoint_every:
+        raise ValueError(
+            f"training.keep_every={keep_every} must be 0 or a multiple of "
+            f"training.checkpoint_every={checkpoint_every} (only saved steps can be kept)"
+        )
     workdir = pathlib.Path(workdir)
     created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise OSError(f"cannot create the workdir {workdir}: {error.strerror}") from None
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.training.keep_checkpoints)
+    checkpointer = checkpointing.Checkpointer(
+        workdir, keep=config.training.keep_checkpoints, keep_every=config.training.keep_every
+    )
     try:
         state, train_iter = _start(config, checkpointer)
         # Settings errors of sampling and FID also come before the first step.
@@ -307,8 +321,9 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
                 logging.info("step %d  FID %.3f (EMA, %d samples)", step, value,
                              config.training.fid_num_samples)  # fmt: skip
                 logger.scalar(step, "fid", value)
-            # Read once: a signal between two reads would save the same step twice.
-            stopping = preemption.is_set()
+            # Read once (a signal between two reads would save the same step twice), and
+            # agreed by all processes: all save this step and stop, or none does.
+            stopping = checkpointing.agreed(preemption.is_set())
             if stopping or step % config.training.checkpoint_every == 0 or step == num_steps:
                 checkpointer.save(step, state, force=True)
             if stopping:

@@ -8,7 +8,8 @@ patches the library before handing over to main.py. Phases:
   grid        SIGKILL in the step's sample grid: drawn, not yet written
   sigint2     Ctrl-C twice at the step, the second in its sample grid (as for grid)
   sigterm     SIGTERM at the step (a preemption: save and exit)
-Each fault prints 'FAULT <phase> <step>' to stderr just before it fires.
+Each fault prints 'FAULT <phase> <step>' to stderr just before it fires. With several
+processes, DDPM_FAULT_PROCESS=<k> aims the fault at process k alone.
 """
 
 import os
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 
+import jax
 from absl import app
 from orbax.checkpoint._src.path import atomicity
 
@@ -24,9 +26,12 @@ from ddpm import evaluation, train
 
 PHASE, STEP = os.environ["DDPM_FAULT"].split(":")
 STEP = int(STEP)
+PROCESS = os.environ.get("DDPM_FAULT_PROCESS")
 
 
 def fire(sig, phase=PHASE):
+    if PROCESS is not None and jax.process_index() != int(PROCESS):
+        return
     print(f"FAULT {phase} {STEP}", file=sys.stderr, flush=True)
     os.kill(os.getpid(), sig)
 

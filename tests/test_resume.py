@@ -15,7 +15,7 @@ import tiny
 from absl import logging
 from test_train import image_folder, restore
 
-from ddpm import checkpointing, factories, train
+from ddpm import checkpointing, evaluation, factories, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -135,3 +135,39 @@ def test_no_readable_checkpoint_fails_naming_the_directory(two_checkpoints):
     with tfds.testing.mock_data(num_examples=64), pytest.raises(RuntimeError, match="Move the"):
         train.train_and_evaluate(config, str(workdir))
     assert (workdir / "checkpoints" / "4").is_dir()  # a failed start deletes nothing
+
+
+def test_keep_every_keeps_milestones_besides_the_newest(tmp_path):
+    config = tiny.tiny_config()
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    checkpointer = checkpointing.Checkpointer(tmp_path, keep=2, keep_every=3)
+    for step in range(1, 9):
+        checkpointer.save(step, state, force=True)
+    checkpointer.close()
+    assert checkpointing.Checkpointer(tmp_path).manager.all_steps() == [3, 6, 7, 8]
+    with pytest.raises(ValueError, match="keep_every=3 must be 0 or a multiple"):
+        train.train_and_evaluate(
+            tiny.tiny_config({"training.keep_every": 3}), str(tmp_path / "new")
+        )
+    assert not (tmp_path / "new").exists()
+
+
+def test_sampling_and_init_from_read_only_the_ema_params(tmp_path):
+    """A run trained with gradient clipping (an optimiser state with one more entry) serves
+    a config without it: sample/eval and init_from read the EMA params alone."""
+    clipped = tiny.tiny_config({"optim.grad_clip": 1.0, "training.num_grid_samples": 0})
+    tiny.write_random_checkpoint(clipped, tmp_path / "source", step=5)
+    written, _ = tiny.restore_state(clipped, tmp_path / "source")
+    plain = tiny.tiny_config({"optim.grad_clip": 0.0, "training.num_grid_samples": 0,
+                              "training.num_train_steps": 0})  # fmt: skip
+    plain.init_from = str(tmp_path / "source")
+    with pytest.raises(RuntimeError):  # the whole state does not fit the other optimiser
+        tiny.restore_state(plain, tmp_path / "source")
+    _, params, step = evaluation.load_ema_params(plain, tmp_path / "source")
+    with tfds.testing.mock_data(num_examples=64):
+        started = train.train_and_evaluate(plain, str(tmp_path / "run"))
+    assert step == 5 and int(started.step) == 0
+    for got in (params, started.params, started.ema_params):
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(written.ema_params), strict=True):
+            np.testing.assert_array_equal(x, y)

@@ -14,7 +14,7 @@ import tiny
 from PIL import Image
 
 from configs import default
-from ddpm import checkpointing, evaluation, factories, train
+from ddpm import checkpointing, factories, train
 
 
 def image_folder(path, n=40, size=12):
@@ -28,7 +28,7 @@ def image_folder(path, n=40, size=12):
 
 
 def restore(workdir, config):
-    return evaluation.restore_train_state(config, workdir)[1]
+    return tiny.restore_state(config, workdir)[0]
 
 
 def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
@@ -54,15 +54,17 @@ def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_same_update_on_one_and_on_eight_devices():
-    """The same global batch and seed give the same parameters on 1 device and on 8.
+def test_same_update_on_one_two_and_eight_devices():
+    """The same global batch and seed give the same parameters on 1, 2 and 8 devices, with
+    dropout on: each example's dropout masks, like its t and noise, come from its global
+    index, not from the device that holds it.
 
     SGD makes the comparison sharp: Adam's first steps are ~lr * sign(g), which turns a
     rounding-level difference in a near-zero gradient into a full step. With SGD the
     only difference is the float32 order of the batch reduction (one mean of 16 against
     a mean of 8 means of 2), a few ulps of the gradient.
     """
-    config = tiny.tiny_config()
+    config = tiny.tiny_config({"model.dropout": 0.3})
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
     state = factories.create_train_state(config, model, tx, jax.random.key(0))
@@ -75,17 +77,26 @@ def test_same_update_on_one_and_on_eight_devices():
         for _ in range(3)
     ]
     results = {}
-    for n in (1, 8):
+    for n in (1, 2, 8):
         step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:n])
         s = train.replicated(state, jax.devices()[:n])
         for batch in batches:
             split = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
             s, metrics = step_fn(s, split, jax.random.key(1))
         results[n] = (s, metrics)
-    (s1, m1), (s8, m8) = results[1], results[8]
-    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    (s1, m1) = results[1]
+    for s8, m8 in (results[2], results[8]):
+        np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Dropout is on: the same steps without it land elsewhere.
+    plain_model = factories.create_model(tiny.tiny_config())
+    plain = train.make_train_step(config, plain_model, diffusion, tx, devices=jax.devices()[:1])
+    p = train.replicated(state, jax.devices()[:1])
+    for batch in batches:
+        p, _ = plain(p, {k: v[None] for k, v in batch.items()}, jax.random.key(1))
+    gap = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p.params, s1.params)
+    assert max(jax.tree.leaves(gap)) > 1e-3
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s8.params, state.params)
     assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the parameters
 

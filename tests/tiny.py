@@ -74,6 +74,18 @@ def write_random_checkpoint(config, workdir, step: int = 7) -> None:
     checkpointer.close()
 
 
+def restore_state(config, workdir):
+    """(newest TrainState in workdir, its step), the whole state as training restores it."""
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
+    abstract = jax.eval_shape(lambda: factories.create_train_state(config, model, tx,
+                                                                   jax.random.key(0)))  # fmt: skip
+    checkpointer = checkpointing.Checkpointer(workdir, create=False)
+    try:
+        return checkpointer.restore_newest(abstract)
+    finally:
+        checkpointer.close()
+
+
 # The tiny LDMTextToImagePipeline of tests/fixtures/ldm_tiny (tools/make_ldm_fixtures.py)
 # as overrides of configs/ldm_text2im.py: 32x32 images, f = 4, 8x8x4 latents.
 TINY_TEXT2IMAGE = {
