@@ -189,17 +189,6 @@ def initialize(
     return from_params(params)
 
 
-def wait_for_all_processes(name: str) -> None:
-    """Blocks until every process arrives here (no-op in a single process).
-
-    A barrier of the coordination service, with orbax's long timeout, not a device
-    collective: on the CPU (gloo) a collective's first run fails when the processes
-    arrive more than 30 s apart, as they can after start-ups of different lengths.
-    """
-    if jax.process_count() > 1:
-        ocp.multihost.sync_global_processes(name, processes=set(range(jax.process_count())))
-
-
 def agreed(flag: bool) -> bool:
     """Whether `flag` is set on any process (every process gets the same answer).
 

@@ -4,7 +4,10 @@ import glob
 import os
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 # Set together, they describe the cluster explicitly (e.g. several processes on one machine);
 # unset, jax.distributed.initialize() detects SLURM, TPU pods, Kubernetes, ...
@@ -28,6 +31,35 @@ def initialize_distributed(environ=os.environ) -> None:
         )
     else:
         jax.distributed.initialize()
+    _connect_collectives()
+
+
+def wait_for_all_processes(name: str, timeout_s: int | None = None) -> None:
+    """Blocks until every process arrives here (no-op in a single process).
+
+    A barrier of the coordination service (orbax's default timeout, 5 minutes, unless
+    `timeout_s`), not a device collective. Each name is used once per run.
+    """
+    if jax.process_count() > 1:
+        processes = set(range(jax.process_count()))
+        ocp.multihost.sync_global_processes(name, timeout=timeout_s, processes=processes)
+
+
+def _connect_collectives() -> None:
+    """Makes the device collectives' connections while the processes are together.
+
+    On the CPU (gloo) the first collective over a set of devices connects them, and fails
+    when the processes arrive more than 30 s apart, as they can after start-ups of
+    different lengths (restoring, compiling). Once made, the connections wait as long as
+    needed. This connects the two sets the job uses: all devices (the pmapped step,
+    orbax's collectives) and one device per process (process_allgather).
+    """
+    wait_for_all_processes("connect collectives")
+    ones = np.ones(jax.local_device_count(), np.int32)
+    total = jax.pmap(lambda x: jax.lax.psum(x, "all"), axis_name="all")(ones)
+    processes = multihost_utils.process_allgather(np.int32(1))
+    if int(total[0]) != jax.device_count() or int(processes.sum()) != jax.process_count():
+        raise RuntimeError("The processes' devices do not add up: check the cluster set-up.")
 
 
 def nvidia_gpu_present() -> bool:
