@@ -23,6 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.source = "tfds"  # 'tfds' (a tfds dataset by name) or 'folder' (a folder of images).
     data.dataset = "cifar10"  # tfds name, for source 'tfds'.
     data.data_dir = ""  # tfds data_dir; empty: tfds's default (~/tensorflow_datasets).
+    # Download and prepare a tfds dataset that data_dir lacks (once, by process 0; in
+    # array_record files, which the pipeline reads example by example). False: never
+    # download; a dataset that is not prepared is an error.
+    data.download = True
     data.path = ""  # The image folder, for source 'folder' (png/jpg, searched recursively).
     data.train_split = "train"
     data.image_size = 32  # Square side in pixels; images are resized and centre-cropped.

@@ -17,100 +17,27 @@ arithmetic; nothing skipped is read. Process k of P takes the k-th contiguous sh
 every global batch, then splits it over its local devices, so the global batch does
 not depend on the number of processes or devices.
 
-Random access to examples:
-  folder: files found recursively (png/jpg/jpeg, any case), sorted by relative path;
-    decoded with tf.io (JPEG with the accurate integer DCT, as PIL does); label = index of
-    the first-level subdirectory among all first-level subdirectories in sorted order,
-    0 for files directly in the root.
-  tfds:   the split is decoded, converted and resized once into host memory as a uint8
-    array: N * image_size**2 * num_channels bytes (CIFAR-10 train 147 MiB, MNIST train at
-    32x32x1 59 MiB), plus a transient second copy while loading. Meant for MNIST/CIFAR/
-    CelebA-64-sized data; use a folder for larger sets.
-
-Resizing (both sources): the short side is resized to image_size with antialiased
-bicubic (Keys a=-0.5, the same kernel as PIL BICUBIC), the long side to
-round(long * image_size / short), then a centre crop (offset (new - size) // 2).
-Images already image_size x image_size pass through unchanged.
+Examples are read from disk as the batches need them (ddpm/data_sources.py: a folder of
+images, or a tfds split prepared in ArrayRecord or TFRecord files, downloaded once where
+data.download), decoded and resized by parallel tf.data workers: host memory does not grow
+with the data set beyond O(N) small integer arrays (the epoch's order, labels, file
+offsets or paths).
 """
 
 import itertools
-import os
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
-from ddpm import super_resolution
+from ddpm import data_sources
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 # Keeps this stream apart from other uses of the same seed.
 _ORDER_SALT = 0x5F1E
-_LOAD_BATCH = 1024
-
-# A loader maps an int64 example index to (uint8 [S, S, C] image, int32 label).
-_Loader = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
-
-
-class _Source:
-    """Random access to N examples, already resized to [S, S, C] uint8."""
-
-    def __init__(self, load: _Loader, labels: np.ndarray, describe, find_unreadable=None):
-        self.num_examples = len(labels)
-        self.load = load
-        self.labels = labels  # int [N], on the host: checked before anything is decoded
-        self.describe = describe  # index -> how a user finds the example ("file ...")
-        # indices -> message naming a file that does not decode, or None.
-        self.find_unreadable = find_unreadable or (lambda indices: None)
-
-    def check_labels(self, num_classes: int) -> None:
-        """Raises a ValueError naming the first example whose label is not in [0, num_classes)."""
-        bad = np.flatnonzero((self.labels < 0) | (self.labels >= num_classes))
-        if bad.size:
-            raise ValueError(
-                f"{bad.size} of {self.num_examples} examples have labels outside [0, {num_classes})"
-                f" (model.num_classes={num_classes}); the first is {self.describe(bad[0])} with "
-                f"label {self.labels[bad[0]]}. Set model.num_classes to the number of classes."
-            )
-
-
-# ---------------------------------------------------------------------------- images
-
-
-def _to_channels(image: tf.Tensor, num_channels: int) -> tf.Tensor:
-    """uint8 [H, W, c] with c in {1, 3, 4} -> uint8 [H, W, num_channels]."""
-    channels = image.shape[-1]
-    if channels not in (1, 3, 4):
-        raise ValueError(f"Cannot convert images with {channels} channels to {num_channels}.")
-    if channels == num_channels:
-        return image
-    if channels == 1:
-        return tf.tile(image, [1, 1, 3])
-    rgb = image[..., :3]  # drop alpha
-    if num_channels == 3:
-        return rgb
-    # ITU-R 601-2 luma, as PIL's 'L' conversion.
-    gray = tf.image.rgb_to_grayscale(tf.cast(rgb, tf.float32))
-    return tf.cast(tf.round(tf.clip_by_value(gray, 0.0, 255.0)), tf.uint8)
-
-
-def _resize_and_center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-    """uint8 [H, W, C] -> uint8 [size, size, C]: short side to size, then centre crop."""
-    num_channels = image.shape[-1]
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    short = tf.minimum(height, width)
-    # Round half up in integer arithmetic: no float ties to disagree about.
-    new_height = (height * size + short // 2) // short
-    new_width = (width * size + short // 2) // short
-    resized = tf.image.resize(image, [new_height, new_width], method="bicubic", antialias=True)
-    # Bicubic overshoots near edges; clip before the cast so it cannot wrap around.
-    resized = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    cropped = resized[top : top + size, left : left + size]
-    return tf.ensure_shape(cropped, [size, size, num_channels])
+# ddpm/upsample_job.py lists a folder of low-res inputs as the folder source does.
+_list_images = data_sources.list_images
 
 
 def area_downsample(images: tf.Tensor, low_res_size: int) -> tf.Tensor:
@@ -123,167 +50,17 @@ def area_downsample(images: tf.Tensor, low_res_size: int) -> tf.Tensor:
     return tf.cast(tf.round(tf.reduce_mean(blocks, axis=[2, 4])), tf.uint8)
 
 
-def _decode(encoded: tf.Tensor, num_channels: int) -> tf.Tensor:
-    """Encoded png/jpeg bytes -> uint8 [H, W, num_channels] (the decoder converts)."""
-    return tf.cond(
-        tf.io.is_jpeg(encoded),
-        # The default fast DCT differs from libjpeg's reference (and PIL) by up to ~6.
-        lambda: tf.io.decode_jpeg(encoded, channels=num_channels, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=num_channels, expand_animations=False),
-    )
-
-
-# ---------------------------------------------------------------------------- sources
-
-
-def _list_images(path: str) -> tuple[list[str], list[int]]:
-    """Sorted image paths under `path` and their first-level-subdirectory labels."""
-    if not path:
-        raise ValueError("data.path must name a folder of images when data.source='folder'.")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Image folder data.path={path!r} does not exist.")
-    subdirs = sorted(
-        entry.name
-        for entry in os.scandir(path)
-        if entry.is_dir() and not entry.name.startswith(".")
-    )
-    class_index = {name: i for i, name in enumerate(subdirs)}
-    relative = []
-    for root, dirs, files in os.walk(path, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                relative.append(os.path.relpath(os.path.join(root, name), path))
-    # os.walk order depends on the file system; sort on a platform-neutral key.
-    relative.sort(key=lambda rel: rel.replace(os.sep, "/"))
-    if not relative:
-        raise FileNotFoundError(
-            f"No images ({', '.join(IMAGE_EXTENSIONS)}, any case) found under data.path={path!r}."
-        )
-    labels = [class_index.get(rel.split(os.sep)[0], 0) if os.sep in rel else 0 for rel in relative]
-    return [os.path.join(path, rel) for rel in relative], labels
-
-
-def _op_message(error: tf.errors.OpError) -> str:
-    """The reason of a TensorFlow op error, without its '{{function_node ...}}' and '[Op:...]'."""
-    message = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
-    return re.sub(r"\s*\[Op:\w+\].*$", "", message, flags=re.S).strip()
-
-
-def _folder_source(data: ml_collections.ConfigDict) -> _Source:
-    paths, labels = _list_images(data.path)
-    paths_t = tf.constant(paths)
-    labels_t = tf.constant(labels, tf.int32)
-
-    def load(index):
-        image = _decode(tf.io.read_file(paths_t[index]), data.num_channels)
-        return _resize_and_center_crop(image, data.image_size), labels_t[index]
-
-    def find_unreadable(indices):
-        for index in dict.fromkeys(int(i) for i in indices):
-            try:
-                _decode(tf.io.read_file(paths[index]), data.num_channels)
-            except tf.errors.OpError as error:
-                return f"Cannot decode image file {paths[index]!r}: {_op_message(error)}"
-        return None
-
-    return _Source(load, np.asarray(labels), lambda i: f"file {paths[i]!r}", find_unreadable)
-
-
 def _tfds_builder(data: ml_collections.ConfigDict):
-    try:
-        return tfds.builder(data.dataset, data_dir=data.data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f"Unknown tfds dataset data.dataset={data.dataset!r}. Check the name, or use "
-            "data.source='folder' with data.path set to a folder of images."
-        ) from None
-
-
-def _open_tfds_split(data: ml_collections.ConfigDict, split: str):
-    """Returns (builder, tf.data.Dataset of the split in stored order); never downloads."""
-    builder = _tfds_builder(data)
-    known = set(builder.info.splits)
-    # 'train[:10%]+test' names the splits 'train' and 'test'.
-    names = {part.split("[")[0].strip() for part in str(split).split("+")}
-    if known and not names <= known:
-        raise ValueError(
-            f"tfds dataset {data.dataset!r} has no split {sorted(names - known)}; "
-            f"it has {sorted(known)}."
-        )
-    try:
-        return builder, builder.as_dataset(split=split, shuffle_files=False)
-    except AssertionError as error:  # tfds's way of saying "not prepared"; never download here.
-        if "could not find data" not in str(error):
-            raise
-        raise ValueError(
-            f"tfds dataset {data.dataset!r} is not prepared in data_dir={data.data_dir!r} and "
-            "is not available offline (this pipeline never downloads). On a connected machine "
-            f"run `tfds build {data.dataset} --data_dir=DIR` (or tfds.builder(...)"
-            ".download_and_prepare()), copy DIR here and set data.data_dir=DIR; or use "
-            "data.source='folder' with data.path set to a folder of images."
-        ) from None
-
-
-def _load_tfds_split(data: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns images uint8 [N, S, S, C] and labels int32 [N] of a prepared tfds split."""
-    builder, dataset = _open_tfds_split(data, split)
-    features = builder.info.features
-    if "image" not in features:
-        raise ValueError(f"tfds dataset {data.dataset!r} has no 'image' feature: {features}")
-    has_label = "label" in features
-    size, channels = data.image_size, data.num_channels
-
-    def convert(example):
-        image = _to_channels(example["image"], channels)
-        if tuple(image.shape) != (size, size, channels):
-            image = _resize_and_center_crop(image, size)
-        label = tf.cast(example["label"], tf.int32) if has_label else tf.constant(0, tf.int32)
-        return image, label
-
-    dataset = dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
-    chunks = list(dataset.batch(_LOAD_BATCH).prefetch(2).as_numpy_iterator())
-    if not chunks:
-        raise ValueError(f"tfds split {data.dataset}:{split} is empty.")
-    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
-
-
-def _tfds_source(data: ml_collections.ConfigDict, split: str) -> _Source:
-    images, labels = _load_tfds_split(data, split)
-    # Captured by reference in the tf.data graph (no second copy is kept).
-    images_t, labels_t = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
-    return _Source(
-        lambda index: (images_t[index], labels_t[index]),
-        labels,
-        lambda index: f"example {index} of tfds split {data.dataset}:{split}",
-    )
-
-
-def _check_data(data: ml_collections.ConfigDict) -> None:
-    if data.source not in ("tfds", "folder"):
-        raise ValueError(f"Unknown data.source={data.source!r}; expected 'tfds' or 'folder'.")
-    if not isinstance(data.image_size, int) or data.image_size < 1:
-        raise ValueError(f"data.image_size must be a positive int, got {data.image_size!r}.")
-    if data.num_channels not in (1, 3):
-        raise ValueError(f"data.num_channels must be 1 or 3, got {data.num_channels!r}.")
-    super_resolution.check_low_res_size(data)
-
-
-def _make_source(data: ml_collections.ConfigDict, split: str) -> _Source:
-    _check_data(data)
-    if data.source == "folder":  # a folder is a single split: `split` is not used
-        return _folder_source(data)
-    return _tfds_source(data, split)
+    """data.dataset's tfds builder: metadata only (tests replace it with a stand-in)."""
+    return data_sources.tfds_builder(data)
 
 
 def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
     """Number of examples in `split` (a folder has one split: all the images found)."""
-    _check_data(data)
-    if data.source == "folder":
-        return len(_list_images(data.path)[0])
-    dataset = _open_tfds_split(data, split)[1]
-    count = int(dataset.cardinality())  # tfds records it; no image is decoded
-    return count if count >= 0 else int(dataset.reduce(0, lambda n, _: n + 1))
+    data_sources.check_data(data)
+    if data.source == "tfds":  # a split the metadata does not list fails before any download
+        data_sources.check_split(_tfds_builder(data), data, split)
+    return data_sources.num_examples(data, split)
 
 
 # ---------------------------------------------------------------------------- batching
@@ -393,7 +170,7 @@ def create_train_iter(
     process_index, local_batch, devices, per_device = _shares(
         global_batch_size, process_index, process_count, local_device_count
     )
-    source = _make_source(data, data.train_split)
+    source = data_sources.make_source(data, data.train_split)
     if num_classes:
         source.check_labels(num_classes)
     train_order = _TrainOrder(seed, source.num_examples)
@@ -405,19 +182,22 @@ def create_train_iter(
         step = start_step + batch_number
         return train_order(step * global_batch_size + offset + np.arange(local_batch))
 
-    def index_stream():  # cheap: index arithmetic only, decoding happens in the map
+    def index_stream():  # cheap: index arithmetic only, reading happens in the maps
         for batch_number in itertools.count():
             yield batch_order(batch_number)
 
-    def load(index, flip):
-        image, label = source.load(index)
+    def decode(payload, label, flip):
+        image = source.decode(payload)
         if random_flip:
             image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
         return {"image": image, "label": label}
 
     signature = (tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch], tf.bool))
     dataset = tf.data.Dataset.from_generator(index_stream, output_signature=signature)
-    dataset = dataset.unbatch().map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # One read per batch (one Python call for tfds), then decoding per example in parallel.
+    dataset = dataset.map(lambda indices, flips: (*source.fetch(indices), flips),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)  # fmt: skip
+    dataset = dataset.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _batches(dataset, source, devices, per_device, lambda b: batch_order(b)[0],
                     data.get("low_res_size", 0))  # fmt: skip
 
@@ -442,7 +222,7 @@ def create_eval_iter(
     process_index, local_batch, devices, per_device = _shares(
         global_batch_size, process_index, process_count, local_device_count
     )
-    source = _make_source(data, split)
+    source = data_sources.make_source(data, split)
     if positions is None:
         positions = np.arange(source.num_examples)
     positions = np.asarray(positions, np.int64)
@@ -457,14 +237,15 @@ def create_eval_iter(
         step, i = local_position // local_batch, local_position % local_batch
         return step * global_batch_size + process_index * local_batch + i
 
-    def load(local_position):
-        position = position_of(local_position)
+    def fetch(batch_number):
+        position = position_of(batch_number * local_batch + tf.range(local_batch, dtype=tf.int64))
         mask = position < n
-        image, label = tf.cond(
-            mask,
-            lambda: source.load(positions_t[position]),
-            lambda: (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32)),
-        )
+        # Padding reads the first example (a batch's last few) and never decodes it.
+        payloads, labels = source.fetch(tf.gather(positions_t, tf.where(mask, position, 0)))
+        return payloads, tf.where(mask, labels, 0), mask
+
+    def decode(payload, label, mask):
+        image = tf.cond(mask, lambda: source.decode(payload), lambda: tf.zeros(shape, tf.uint8))
         return {"image": image, "label": label, "mask": mask}
 
     def indices_of_batch(batch_number):
@@ -472,8 +253,10 @@ def create_eval_iter(
         found = [position_of(q) for q in range(first, first + local_batch)]
         return [positions[p] for p in found if p < n]
 
-    dataset = tf.data.Dataset.range(num_batches * local_batch)
-    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = tf.data.Dataset.range(num_batches).map(
+        fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+    dataset = dataset.unbatch().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return _batches(dataset, source, devices, per_device, indices_of_batch,
                     data.get("low_res_size", 0))  # fmt: skip
 

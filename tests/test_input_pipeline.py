@@ -6,17 +6,20 @@ resizing, images whose pixels encode their own index, and raw IDX bytes for MNIS
 
 import gzip
 import importlib.util
+import io
 import pathlib
 import time
+import urllib.error
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
+import requests
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ddpm import input_pipeline
+from ddpm import data_sources, input_pipeline, platform
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -33,6 +36,7 @@ def make_data(**overrides) -> ml_collections.ConfigDict:
         image_size=32,
         num_channels=3,
         random_flip=False,
+        download=True,  # a no-op under tfds.testing.mock_data
     )
     data.update(overrides)
     return ml_collections.ConfigDict(data)
@@ -62,22 +66,26 @@ def take(iterator, count: int) -> list[dict]:
     return [flat(next(iterator)) for _ in range(count)]
 
 
+def mocked_cifar10_as_data_source(self, split, **kwargs):
+    """For mock_data: serialized records whose example i is indexed_image(i)."""
+    del split, kwargs
+    return [
+        self.info.features.serialize_example(
+            {"id": str(i), "image": indexed_image(i), "label": indexed_label(i)}
+        )
+        for i in range(NUM_INDEXED)
+    ]
+
+
 @pytest.fixture
 def indexed_tfds():
-    """cifar10 mocked so that example i is indexed_image(i) with label indexed_label(i)."""
+    """cifar10 mocked so that example i is indexed_image(i) with label indexed_label(i).
 
-    def as_dataset(self, split, **kwargs):
-        del self, split, kwargs
-        indices = np.arange(NUM_INDEXED)
-        return tf.data.Dataset.from_tensor_slices(
-            {
-                "id": [str(i) for i in indices],
-                "image": np.stack([indexed_image(i) for i in indices]),
-                "label": np.array([indexed_label(i) for i in indices], np.int64),
-            }
-        )
+    Mocks tfds's random-access source (`builder.as_data_source`) with serialized records,
+    as ArrayRecord files hold them.
+    """
 
-    with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    with tfds.testing.mock_data(as_data_source_fn=mocked_cifar10_as_data_source):
         yield make_data()
 
 
@@ -122,6 +130,187 @@ def test_tfds_resize_and_grayscale_match_pil(indexed_tfds):
         diff = np.abs(batch["image"][i, ..., 0].astype(int) - np.asarray(pil))
         assert diff.max() <= 2, (i, diff.max())
         assert batch["label"][i] == indexed_label(i)
+
+
+# ---------------------------------------------------------------------------- tfds on disk
+
+CORRUPT = 3  # example of the 'corrupt' split whose image bytes are not an image
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+class TinyIndexed(tfds.core.GeneratorBasedBuilder):
+    """A real tfds data set that prepares offline: example i of 'train' is indexed_image(i)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    prepared = 0  # download_and_prepare calls that generated the data
+
+    def _info(self):
+        features = {"image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(num_classes=10)}  # fmt: skip
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        type(self).prepared += 1
+        return {
+            "train": self._generate_examples(NUM_INDEXED),
+            "corrupt": self._generate_examples(5, CORRUPT),
+        }
+
+    def _generate_examples(self, count, corrupt=None):
+        for i in range(count):
+            image = b"\x89PNG not really" if i == corrupt else png_bytes(indexed_image(i))
+            yield i, {"image": image, "label": indexed_label(i)}
+
+
+def tiny_data(data_dir, **overrides):
+    return make_data(dataset="tiny_indexed", data_dir=str(data_dir), **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """{'array_record': data_dir, 'tfrecord': data_dir}: TinyIndexed prepared in each format."""
+    dirs = {}
+    for file_format in ("array_record", "tfrecord"):
+        dirs[file_format] = tmp_path_factory.mktemp(file_format)
+        builder = tfds.builder("tiny_indexed", data_dir=str(dirs[file_format]))
+        builder.download_and_prepare(file_format=file_format)
+    return dirs
+
+
+def test_tfds_on_disk_reads_stored_pixels_labels_and_subsplits(tiny_dirs):
+    found = {}
+    for file_format, data_dir in tiny_dirs.items():
+        data = tiny_data(data_dir, download=False)
+        assert input_pipeline.num_examples(data, "train[5:15]") == 10
+        found[file_format] = (
+            input_pipeline.load_examples(data, "train", batch_size=8),
+            input_pipeline.load_examples(data, "train[5:15]", batch_size=8),
+            take(input_pipeline.create_train_iter(data, global_batch_size=8, seed=2), 3),
+        )
+    (images, labels), (sub_images, sub_labels), train = found["array_record"]
+    # tfds stores examples in an order of its own (a hash of their keys).
+    stored = image_ids(images)
+    np.testing.assert_array_equal(np.sort(stored), np.arange(NUM_INDEXED))
+    np.testing.assert_array_equal(images, [indexed_image(i) for i in stored])
+    np.testing.assert_array_equal(labels, [indexed_label(i) for i in stored])
+    np.testing.assert_array_equal(sub_images, images[5:15])
+    np.testing.assert_array_equal(sub_labels, labels[5:15])
+    # Training order: stored positions in the order of any source of 20 examples.
+    with tfds.testing.mock_data(as_data_source_fn=mocked_cifar10_as_data_source):
+        mocked = take(input_pipeline.create_train_iter(make_data(), global_batch_size=8, seed=2), 3)
+    for a, b in zip(train, mocked, strict=True):
+        np.testing.assert_array_equal(image_ids(a["image"]), stored[image_ids(b["image"])])
+    # Read through the TFRecord index: the same examples in the same order.
+    for a, b in zip(
+        jax.tree.leaves(found["array_record"]), jax.tree.leaves(found["tfrecord"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tfds_labels_are_read_without_decoding_images(tiny_dirs, monkeypatch):
+    data = tiny_data(tiny_dirs["array_record"])
+
+    def no_decoding(*args):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(data_sources, "_decode", no_decoding)
+    source = data_sources.make_source(data, "train")
+    # tfds's own decoding is the oracle (it stores examples in an order of its own).
+    builder = tfds.builder("tiny_indexed", data_dir=data.data_dir)
+    expected = [example["label"] for example in builder.as_data_source("train")]
+    np.testing.assert_array_equal(source.labels, expected)
+    first = next(i for i, label in enumerate(expected) if label >= 5)
+    message = rf"the first is example {first} of tfds split tiny_indexed:train with label "
+    with pytest.raises(ValueError, match=message + str(expected[first])):
+        input_pipeline.create_train_iter(data, global_batch_size=8, seed=0, num_classes=5)
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+def test_tfds_corrupt_record_names_the_example(tiny_dirs, file_format):
+    data = tiny_data(tiny_dirs[file_format])
+    it = input_pipeline.create_eval_iter(data, split="corrupt", global_batch_size=8)
+    with pytest.raises(ValueError, match=rf"Cannot decode example {CORRUPT} of tfds split "
+                       r"tiny_indexed:corrupt"):  # fmt: skip
+        next(it)
+
+
+def test_tfds_download_prepares_once_in_array_record(tmp_path):
+    TinyIndexed.prepared = 0
+    data = tiny_data(tmp_path)
+    assert input_pipeline.num_examples(data, "train") == NUM_INDEXED
+    assert input_pipeline.num_examples(data, "corrupt") == 5
+    assert TinyIndexed.prepared == 1
+    assert list(tmp_path.rglob("*.array_record-*")) and not list(tmp_path.rglob("*.tfrecord*"))
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_tfds_process_zero_prepares_while_the_others_wait(tmp_path, monkeypatch, process_index):
+    """Two processes sharing data_dir, seen from one of them (the barrier is faked)."""
+    data = tiny_data(tmp_path)
+    barriers = []
+
+    def barrier(name, timeout_s):
+        barriers.append((name, TinyIndexed.prepared))
+        if process_index == 1:  # process 0 prepares while this one waits here
+            tfds.builder("tiny_indexed", data_dir=str(tmp_path)).download_and_prepare(
+                file_format="array_record"
+            )
+
+    TinyIndexed.prepared = 0
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process_index)
+    monkeypatch.setattr(platform, "wait_for_all_processes", barrier)
+    images, labels = input_pipeline.load_examples(data, "train")
+    # One barrier; process 0 has prepared before it, process 1 never prepares.
+    assert [prepared for _, prepared in barriers] == [1 - process_index]
+    assert "tiny_indexed" in barriers[0][0] and TinyIndexed.prepared == 1
+    ids = image_ids(images)  # in tfds's stored order
+    np.testing.assert_array_equal(np.sort(ids), np.arange(NUM_INDEXED))
+    np.testing.assert_array_equal(images, [indexed_image(i) for i in ids])
+    np.testing.assert_array_equal(labels, [indexed_label(i) for i in ids])
+
+
+def test_tfds_other_process_without_the_data_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(platform, "wait_for_all_processes", lambda name, timeout_s: None)
+    with pytest.raises(ValueError, match="every process must share data.data_dir"):
+        input_pipeline.num_examples(tiny_data(tmp_path), "train")
+
+
+def test_tfds_offline_download_fails_fast_naming_the_data_dir(tmp_path, monkeypatch):
+    TinyIndexed.prepared = 0
+    # A data set with download URLs, on a machine whose names do not resolve.
+    monkeypatch.setattr(TinyIndexed, "url_infos", {"https://data.example/tiny.tar.gz": None})
+
+    def offline(request, timeout):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(data_sources.urllib.request, "urlopen", offline)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="not available offline") as info:
+        input_pipeline.create_train_iter(tiny_data(tmp_path), global_batch_size=8, seed=0)
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert f"not prepared in {tmp_path} (--config.data.data_dir='{tmp_path}')" in message
+    assert "cannot reach https://data.example/" in message and "Name or service" in message
+    assert "download_and_prepare" in message and "source='folder'" in message
+    assert TinyIndexed.prepared == 0 and not list(tmp_path.rglob("*.array_record*"))
+
+
+def test_tfds_connection_error_while_downloading_names_the_data_dir(tmp_path, monkeypatch):
+    def split_generators(self, dl_manager):  # what tfds's downloader raises offline
+        raise requests.exceptions.ConnectionError("Failed to resolve 'data.example'")
+
+    monkeypatch.setattr(TinyIndexed, "_split_generators", split_generators)
+    with pytest.raises(ValueError, match=r"downloading it failed \(Failed to resolve"):
+        input_pipeline.num_examples(tiny_data(tmp_path), "train")
 
 
 # ---------------------------------------------------------------------------- order
@@ -404,10 +593,17 @@ def test_error_unknown_source_and_bad_fields():
 
 
 def test_error_tfds_not_prepared(tmp_path):
-    data = make_data(dataset="mnist", data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="not available offline") as info:
+    data = tiny_data(tmp_path, download=False)
+    with pytest.raises(ValueError, match="not available offline: data.download=False") as info:
         input_pipeline.create_train_iter(data, global_batch_size=8, seed=0)
+    assert f"not prepared in {tmp_path} (--config.data.data_dir='{tmp_path}')" in str(info.value)
     assert "download_and_prepare" in str(info.value) and "source='folder'" in str(info.value)
+    assert not list(tmp_path.iterdir())  # nothing downloaded or prepared
+    default = tiny_data("", download=False)
+    with pytest.raises(ValueError, match=r"data_dir='' \(empty: tfds's default\)") as info:
+        input_pipeline.num_examples(default, "train")
+    root = tfds.builder("tiny_indexed").data_dir_root
+    assert f"not prepared in {root} " in str(info.value)
     with pytest.raises(ValueError, match="Unknown tfds dataset data.dataset='no_such_dataset'"):
         input_pipeline.num_examples(make_data(dataset="no_such_dataset"), "train")
 
