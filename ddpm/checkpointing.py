@@ -4,8 +4,10 @@ Restore order on start: the workdir's newest readable checkpoint -> `config.init
 (EMA weights of another checkpoint, e.g. a converted release) -> a fresh initialisation.
 Saves are asynchronous; `close()` waits for them, so nothing is lost on exit. A process
 killed mid-save leaves only orbax's temporary directory (the step directory appears by an
-atomic rename when the save is complete), so the previous checkpoint is still the newest
-one; a checkpoint damaged afterwards (truncated or missing files) is skipped on restore.
+atomic rename when the save is complete; in a gs:// workdir, where orbax writes the step
+in place, its commit_success.txt appears last), so the previous checkpoint is still the
+newest one; a checkpoint damaged afterwards (truncated or missing files) is skipped on
+restore.
 
 With several processes, states are saved and restored as global arrays replicated over
 every device of every process (what orbax writes once, from process 0's copy), and
@@ -13,8 +15,6 @@ handed to the train step as each process's host-local copy.
 """
 
 import os
-import pathlib
-import shutil
 import signal
 import socket
 import threading
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
@@ -68,13 +69,28 @@ def _restore_args(abstract, partial: bool):
     return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
 
 
+def _check_gcs_client(directory) -> None:
+    """orbax asks google-cloud-storage about a gs:// bucket but does not install it."""
+    try:
+        from google.cloud import storage  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            f"checkpoints in {directory} need google-cloud-storage, with which orbax lists "
+            "the steps in a bucket: pip install google-cloud-storage"
+        ) from None
+
+
 class Checkpointer:
     """An orbax CheckpointManager over `workdir/checkpoints`: keeps the newest `keep`, and
     also every step that is a multiple of `keep_every` (when > 0)."""
 
     def __init__(self, workdir, *, keep: int = 3, keep_every: int = 0, create: bool = True):
         """`create=False` for readers (sample, eval): a wrong workdir is not created."""
-        directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        directory = epath.Path(workdir) / CHECKPOINT_DIR
+        if not directory.is_absolute():  # a gs:// path counts as absolute: it stays as it is
+            directory = directory.absolute()
+        if str(directory).startswith("gs://"):
+            _check_gcs_client(directory)
         self.directory = directory
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every or None, create=create
@@ -119,7 +135,7 @@ class Checkpointer:
             for step in steps:
                 target = self.directory.parent / DAMAGED_DIR / str(step)
                 if target.exists():  # damaged twice at the same step: keep the newer
-                    shutil.rmtree(target)
+                    target.rmtree()
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (self.directory / str(step)).rename(target)
                 logging.warning("Moved the unreadable checkpoint to %s", target)

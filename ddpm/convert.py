@@ -13,7 +13,6 @@ unpickler that runs no code from the file.
 
 import json
 import math
-import pathlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +23,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 from absl import logging
+from etils import epath
 
 from ddpm import checkpointing, param_trees
 from ddpm.factories import create_model, create_optimizer, state_from_params
@@ -246,7 +246,7 @@ def check_params_match(params: dict[str, Any], unet_kwargs: dict, image_shape: t
     param_trees.check_fit(params, expected["params"], source="converted params", model="UNet")
 
 
-def _resolve_dir(path: pathlib.Path) -> pathlib.Path:
+def _resolve_dir(path: epath.Path) -> epath.Path:
     # A pipeline directory keeps the model under unet/; accept it as well.
     if not (path / "config.json").exists() and (path / "unet" / "config.json").exists():
         return path / "unet"
@@ -254,7 +254,7 @@ def _resolve_dir(path: pathlib.Path) -> pathlib.Path:
 
 
 def load_diffusers_state_dict(
-    model_dir: pathlib.Path, names: tuple[str, ...] = (SAFETENSORS_NAME, BIN_NAME)
+    model_dir: epath.PathLike, names: tuple[str, ...] = (SAFETENSORS_NAME, BIN_NAME)
 ) -> dict[str, np.ndarray]:
     """Read the first of `names` present in `model_dir` as {key: np.ndarray}.
 
@@ -263,13 +263,13 @@ def load_diffusers_state_dict(
     which runs no code from the file). diffusers models use the default names,
     transformers models (LDMBert) model.safetensors / pytorch_model.bin.
     """
-    model_dir = pathlib.Path(model_dir)
+    model_dir = epath.Path(model_dir)
     for name in names:
         path = model_dir / name
         if not path.exists():
             continue
-        if name.endswith(".safetensors"):
-            return safetensors.numpy.load_file(path)
+        if name.endswith(".safetensors"):  # read whole: load_file takes local names only
+            return safetensors.numpy.load(path.read_bytes())
         # Imported here: only .bin checkpoints need the torch-free pickle reader.
         from ddpm import torch_pickle
 
@@ -278,7 +278,7 @@ def load_diffusers_state_dict(
     raise FileNotFoundError(f"no {' or '.join(names)} in {model_dir} (found: {found})")
 
 
-def from_diffusers(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def from_diffusers(path: epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load a diffusers UNet2DModel checkpoint directory as our UNet's kwargs and params.
 
     Args:
@@ -289,7 +289,7 @@ def from_diffusers(path: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, 
       (unet_kwargs, params): `UNet(**unet_kwargs)` is the matching model and `params`
       the nested dict of float32 numpy arrays to use as `{"params": params}`.
     """
-    model_dir = _resolve_dir(pathlib.Path(path))
+    model_dir = _resolve_dir(epath.Path(path))
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"no config.json in {model_dir}")

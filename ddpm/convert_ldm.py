@@ -20,7 +20,6 @@ right shape; otherwise one ValueError lists what does not fit.
 import dataclasses
 import json
 import math
-import pathlib
 import re
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ddpm import param_trees
 from ddpm.convert import (
@@ -236,14 +236,14 @@ def ldmbert_from_diffusers(
     return kwargs, params
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: epath.Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no {path.name} in {path.parent}")
     return json.loads(path.read_text())
 
 
 def load_component(
-    model_dir: str | pathlib.Path,
+    model_dir: epath.PathLike,
     convert: Callable[[dict, dict], tuple[dict, Params]],
     weight_names: tuple[str, ...] = (SAFETENSORS_NAME, BIN_NAME),
 ) -> ConvertedModel:
@@ -251,13 +251,13 @@ def load_component(
 
     convert: autoencoder_from_diffusers, ldmbert_from_diffusers or cond_unet_from_diffusers.
     """
-    model_dir = pathlib.Path(model_dir)
+    model_dir = epath.Path(model_dir)
     config = _read_json(model_dir / "config.json")
     state = load_diffusers_state_dict(model_dir, weight_names)
     return ConvertedModel(*convert(config, state))
 
 
-def _check_model_index(index: dict[str, Any], folder: pathlib.Path) -> None:
+def _check_model_index(index: dict[str, Any], folder: epath.Path) -> None:
     problems = []
     if index.get("_class_name") != PIPELINE_CLASS:
         problems.append(f"_class_name is {index.get('_class_name')!r}, expected {PIPELINE_CLASS!r}")
@@ -273,9 +273,9 @@ def _check_model_index(index: dict[str, Any], folder: pathlib.Path) -> None:
         raise ValueError(f"{folder} is not an LDM text-to-image pipeline: " + "; ".join(problems))
 
 
-def load_pipeline(folder: str | pathlib.Path) -> LDMPipeline:
+def load_pipeline(folder: epath.PathLike) -> LDMPipeline:
     """Read a diffusers LDMTextToImagePipeline folder (see the module docstring)."""
-    folder = pathlib.Path(folder)
+    folder = epath.Path(folder)
     _check_model_index(_read_json(folder / "model_index.json"), folder)
     # Imported here: the cross-attention U-Net's converter is only needed for whole pipelines.
     from ddpm.convert_cond_unet import cond_unet_from_diffusers

@@ -10,7 +10,6 @@ as they become available: FID first, then bits/dim.
 
 import copy
 import json
-import pathlib
 from collections.abc import Callable
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from ddpm import diffusion as D
@@ -85,7 +85,7 @@ def bits_per_dim(config, model, params, out_dir) -> tuple[float, int]:
         "devices": jax.device_count(), "diffusion": config.diffusion.to_dict(),
         "data": config.data.to_dict(),
     }  # fmt: skip
-    cache = pathlib.Path(out_dir) / f"bpd_{evaluation.settings_digest(settings)}"
+    cache = epath.Path(out_dir) / f"bpd_{evaluation.settings_digest(settings)}"
     batches = input_pipeline.create_eval_iter(
         config.data, split=config.eval.bpd_split, global_batch_size=batch_size
     )
@@ -120,6 +120,7 @@ def training_fid(config: ml_collections.ConfigDict, model, workdir) -> Callable:
     fid_config = copy.deepcopy(config)
     fid_config.sampling.update(method="ddim", num_steps=c.fid_num_steps, eta=0.0)
     evaluation.sampling_diffusion(fid_config)  # checks fid_num_steps
+    workdir = epath.Path(workdir)
     extractor = evaluation.FeatureExtractor(config.eval.inception_weights, workdir / "inception")
     reference = evaluation.reference_statistics(config, extractor, workdir)
     sampler = evaluation.make_sampler(fid_config, model)
@@ -147,10 +148,10 @@ def results_name(config, step: int) -> str:
 def write_results(workdir, name: str, results: dict) -> None:
     """The JSON file, rewritten as results arrive (an interrupted job keeps what it had)."""
     if jax.process_index() == 0:
-        path = pathlib.Path(workdir) / f"{name}.json"
+        path = epath.Path(workdir) / f"{name}.json"
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(results, indent=2))
-        partial.rename(path)
+        partial.replace(path)  # over the previous results, atomically (gs://: copy, delete)
 
 
 def fid_of_samples(config, model, params, extractor, reference, out_dir, scorer=None) -> dict:
@@ -198,7 +199,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     Results go to the console, TensorBoard (workdir/eval/<name>) and <name>.json, with
     <name> from results_name.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     model, params, step = evaluation.load_ema_params(config, workdir)
     check_inputs(config)
     name = results_name(config, step)

@@ -9,7 +9,6 @@ first unfinished chunk.
 
 import hashlib
 import json
-import pathlib
 from collections.abc import Callable, Iterator
 
 import jax
@@ -18,9 +17,10 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm import checkpointing, guidance, images, input_pipeline, samplers
+from ddpm import checkpointing, guidance, images, input_pipeline, npz, samplers
 from ddpm import diffusion as D
 from ddpm.factories import create_diffusion, create_model, init_params
 from ddpm.metrics import classifier, fid, inception
@@ -187,15 +187,14 @@ def sampling_settings(config) -> dict:
     }
 
 
-def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict], indices=None) -> dict:
+def _cached_chunk(path: epath.Path, compute: Callable[[], dict], indices=None) -> dict:
     """Loads path (.npz) if an earlier run finished it; else computes it and saves it.
 
     With `indices`, a cached chunk is used only if it holds those global indices (it
     need not: the last chunk of a run with another count wraps around differently).
     """
     if path.exists():
-        with np.load(path) as data:
-            cached = dict(data)
+        cached = npz.load(path)
         if indices is None or np.array_equal(cached.get("indices"), indices):
             return cached
         logging.info("%s holds other indices (another sample count): computing it again", path)
@@ -205,8 +204,10 @@ def _cached_chunk(path: pathlib.Path, compute: Callable[[], dict], indices=None)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial.npz")
-        np.savez(partial, **result)
-        partial.rename(path)  # atomic: a crash never leaves a half-written chunk behind
+        npz.save(partial, **result)
+        # Atomic: a crash never leaves a half-written chunk behind (on gs://, a copy then
+        # a delete). replace, not rename: it overwrites a chunk of other indices.
+        partial.replace(path)
     return result
 
 
@@ -235,7 +236,7 @@ def chunks(config, draw: Callable, num: int, out_dir, desc: str = "sampling") ->
             local = draw(mine)
             return {"images": np.asarray(multihost_utils.process_allgather(local, tiled=True))}
 
-        path = pathlib.Path(out_dir) / f"chunk_{c:05d}.npz"
+        path = epath.Path(out_dir) / f"chunk_{c:05d}.npz"
         result = _cached_chunk(path, compute, every)["images"]
         yield result[: min(chunk, num - start)]
 
@@ -266,7 +267,7 @@ def load_ema_params(config, workdir):
 
 def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     """--mode=sample: sampling.num_samples EMA samples as samples.npz and a PNG grid."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     model, params, step = load_ema_params(config, workdir)
     c = config.sampling
     digest = settings_digest(sampling_settings(config))
@@ -280,7 +281,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     if jax.process_index() == 0:
         labels = labels_of(config, np.arange(len(samples)))
         extra = {} if labels is None else {"labels": labels}
-        np.savez(out_dir / "samples.npz", images=samples, **extra)
+        npz.save(out_dir / "samples.npz", images=samples, **extra)
         images.save_grid(samples, out_dir / "grid.png")
         logging.info("Wrote %d samples to %s", len(samples), out_dir)
     return samples
@@ -316,7 +317,7 @@ class FeatureExtractor:
 
 def _data_name(d: ml_collections.ConfigDict, split: str) -> str:
     """e.g. 'cifar10_train_32': names what is cached from a data split at a resolution."""
-    source = d.dataset.replace("/", "_") if d.source == "tfds" else pathlib.Path(d.path).name
+    source = d.dataset.replace("/", "_") if d.source == "tfds" else epath.Path(d.path).name
     return f"{source}_{split}_{d.image_size}"
 
 
@@ -339,7 +340,7 @@ def reference_statistics(config, extractor: FeatureExtractor, workdir) -> tuple:
     """Inception (mu, sigma) of the eval.split images, computed once and cached in workdir."""
     d, subset = config.data, reference_subset(config)
     name = _data_name(d, config.eval.split) + (f"_n{len(subset)}" if subset is not None else "")
-    path = pathlib.Path(workdir) / "fid_stats" / f"{name}.npz"
+    path = epath.Path(workdir) / "fid_stats" / f"{name}.npz"
     if path.exists():
         return fid.load_statistics(path)
     stats = fid.RunningStatistics(2048)
@@ -370,7 +371,7 @@ def load_or_train_classifier(config, workdir, num_classes=None) -> classifier.Sc
     num_classes = num_classes or config.model.num_classes
     if not num_classes:
         raise ValueError("eval.class_accuracy needs a class-conditional model (model.num_classes)")
-    path = pathlib.Path(workdir) / "classifier" / f"{_data_name(d, d.train_split)}.msgpack"
+    path = epath.Path(workdir) / "classifier" / f"{_data_name(d, d.train_split)}.msgpack"
     if path.exists():
         return classifier.Scorer.load(path, (d.image_size, d.image_size, d.num_channels))
     examples, labels = input_pipeline.load_examples(d, d.train_split)

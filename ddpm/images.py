@@ -1,10 +1,10 @@
 """Images at the edges: [-1, 1] floats <-> uint8, and sample grids as PNG files."""
 
 import math
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -32,8 +32,9 @@ def make_grid(images_uint8: np.ndarray, *, columns: int | None = None, pad: int 
 
 def save_grid(images_uint8: np.ndarray, path, **grid_kwargs) -> np.ndarray:
     """Writes a PNG grid of uint8 images [N, H, W, C] (C = 1 or 3); returns the grid."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)  # local or gs://: PIL writes to the file object epath opens
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images_uint8, **grid_kwargs)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    with path.open("wb") as f:
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
     return grid

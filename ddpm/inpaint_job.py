@@ -10,14 +10,14 @@ name carries a hash of every setting that changes the result.
 """
 
 import json
-import pathlib
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from ddpm import evaluation, images, inpainting, input_pipeline, masks, samplers
+from ddpm import evaluation, images, inpainting, input_pipeline, masks, npz, samplers
 
 INPAINT_PURPOSE = 103  # fold_in purpose of the run's key (see evaluation's purposes)
 GRID_IMAGES, GRID_TRIPLETS_PER_ROW = 32, 4
@@ -29,9 +29,9 @@ def check_config(config: ml_collections.ConfigDict) -> list[int]:
     if c.num_images < 1:
         raise ValueError(f"inpaint.num_images must be >= 1, got {c.num_images}")
     evaluation.sampling_diffusion(config, "inpaint.num_steps")  # checks method and steps
-    if c.source and not pathlib.Path(c.source).is_dir():
+    if c.source and not epath.Path(c.source).is_dir():
         raise ValueError(f"inpaint.source={c.source!r} is not a folder of images")
-    if c.mask not in masks.KINDS and not pathlib.Path(c.mask).is_dir():
+    if c.mask not in masks.KINDS and not epath.Path(c.mask).is_dir():
         raise ValueError(f"inpaint.mask={c.mask!r} must be one of {masks.KINDS} or a folder")
     return inpainting.inpaint_times(c.method, c.num_steps, c.jump_length, c.jump_n_sample)
 
@@ -83,12 +83,12 @@ def _settings(config) -> dict:
     }
 
 
-def output_dir(config, workdir, step) -> pathlib.Path:
+def output_dir(config, workdir, step) -> epath.Path:
     """workdir/inpaint_step<N>_<method><steps>_<mask>_<hash of the settings>."""
     c = config.inpaint
     digest = evaluation.settings_digest(_settings(config))
-    mask = c.mask if c.mask in masks.KINDS else pathlib.Path(c.mask).name
-    return pathlib.Path(workdir) / f"inpaint_step{step}_{c.method}{c.num_steps}_{mask}_{digest}"
+    mask = c.mask if c.mask in masks.KINDS else epath.Path(c.mask).name
+    return epath.Path(workdir) / f"inpaint_step{step}_{c.method}{c.num_steps}_{mask}_{digest}"
 
 
 def save_grid(originals, mask, results, path) -> None:
@@ -127,7 +127,7 @@ def inpaint(config: ml_collections.ConfigDict, workdir) -> dict:
     out = {"positions": positions, "originals": originals, "masks": mask.astype(np.uint8),
            "results": results, "labels": labels}  # fmt: skip
     if jax.process_index() == 0:
-        np.savez(out_dir / "inpainted.npz", **out)
+        npz.save(out_dir / "inpainted.npz", **out)
         save_grid(originals, mask, results, out_dir / "grid.png")
         (out_dir / "settings.json").write_text(json.dumps(_settings(config), indent=2))
         logging.info(

@@ -10,9 +10,8 @@
                than images); white (>= 128) means known. Each must be S x S.
 """
 
-import os
-
 import numpy as np
+from etils import epath
 from PIL import Image
 
 KINDS = ("bottom_half", "center", "lines", "strokes")
@@ -57,15 +56,17 @@ def _strokes(size, rng):
 
 
 def _folder(path, indices, size):
+    folder = epath.Path(path)
     names = sorted(
-        n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in (".png", ".jpg", ".jpeg")
+        p.name for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
     )
     if not names:
         raise ValueError(f"inpaint.mask={path!r}: no PNG or JPEG masks in the folder")
     masks = []
     for i in indices:
-        name = os.path.join(path, names[i % len(names)])
-        mask = np.asarray(Image.open(name).convert("L"))
+        name = folder / names[i % len(names)]
+        with name.open("rb") as f, Image.open(f) as image:
+            mask = np.asarray(image.convert("L"))
         if mask.shape != (size, size):
             raise ValueError(
                 f"mask {name} is {mask.shape[1]}x{mask.shape[0]}, but the images are "
@@ -88,7 +89,7 @@ def make_masks(spec: str, indices, size: int, *, seed: int = 0) -> np.ndarray:
         else:
             masks = [{"bottom_half": _bottom_half, "center": _center, "lines": _lines}[spec](size)]
             masks = masks * len(indices)
-    elif os.path.isdir(spec):
+    elif epath.Path(spec).is_dir():
         masks = _folder(spec, indices, size)
     else:
         raise ValueError(f"inpaint.mask={spec!r} must be one of {KINDS} or a folder of mask PNGs")

@@ -12,11 +12,10 @@ n originals themselves. Results go to the console and <workdir>/<name>.json, wit
 naming the checkpoint step, the sampler and a hash of every setting.
 """
 
-import pathlib
-
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from ddpm import eval_job, evaluation, upsample_job
 from ddpm.metrics import fid, sr
@@ -52,7 +51,7 @@ def candidates(out: dict) -> dict[str, np.ndarray]:
 def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     """--mode=eval for data.low_res_size > 0; returns (and writes) the results dict."""
     check_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     # Loaded first: missing Inception weights fail before any sample is drawn.
     extractor = evaluation.FeatureExtractor(config.eval.inception_weights, workdir / "inception")
     out = upsample_job.upsample(config, workdir)

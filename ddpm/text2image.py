@@ -15,16 +15,14 @@ pipeline's documented s = 6 is w = 5, and its default s = 1 (no unconditional pa
 w = 0. The whole chain and the decoder run as one compiled function per device.
 """
 
-import pathlib
-import shutil
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from ddpm import checkpointing, evaluation, guidance, images, samplers
+from ddpm import checkpointing, evaluation, guidance, images, npz, samplers
 from ddpm.convert_ldm import load_pipeline
 from ddpm.factories import Text2ImageModels, create_text2image_models
 from ddpm.models.autoencoder import AutoencoderKL
@@ -72,7 +70,7 @@ def read_prompts(spec: str) -> list[str]:
     """sampling.prompt -> prompts: one prompt, or a .txt file of prompts (one a line)."""
     spec = str(spec)
     if spec.endswith(PROMPT_FILE_SUFFIX):
-        path = pathlib.Path(spec)
+        path = epath.Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"sampling.prompt={spec!r}: no such prompt file")
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -203,11 +201,12 @@ def convert(config: ml_collections.ConfigDict, source, workdir) -> dict:
             "unet": pipeline.unet.params,
         },
     )
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     if jax.process_index() == 0:
-        shutil.copytree(
-            pathlib.Path(source) / TOKENIZER_DIR, workdir / TOKENIZER_DIR, dirs_exist_ok=True
-        )
+        (workdir / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+        for file in (epath.Path(source) / TOKENIZER_DIR).iterdir():
+            if not file.is_dir():
+                file.copy(workdir / TOKENIZER_DIR / file.name, overwrite=True)
     checkpointer = checkpointing.Checkpointer(workdir)
     checkpointer.save(0, params, force=True)
     checkpointer.close()
@@ -224,19 +223,19 @@ def load(config, workdir):
         how_to_make_one="write one with --mode=convert --source=DIR (a pipeline folder)",
     )
     tokenizer = PromptTokenizer.from_folder(
-        pathlib.Path(workdir) / TOKENIZER_DIR, max_length=config.text_encoder.max_length
+        epath.Path(workdir) / TOKENIZER_DIR, max_length=config.text_encoder.max_length
     )
     return models, params, tokenizer, step
 
 
-def output_dir(config, workdir, step, prompts) -> pathlib.Path:
+def output_dir(config, workdir, step, prompts) -> epath.Path:
     """workdir/text2image_step<N>_<sampler>_w<w>_<hash of prompts and settings>."""
     c = config.sampling
     digest = evaluation.settings_digest(
         {"prompts": prompts, **evaluation.sampling_settings(config)}
     )
     name = f"text2image_step{step}_{evaluation.sampler_name(config)}_w{float(c.guidance_scale)}"
-    return pathlib.Path(workdir) / f"{name}_{digest}"
+    return epath.Path(workdir) / f"{name}_{digest}"
 
 
 def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
@@ -259,7 +258,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     num = config.sampling.num_samples
     samples = np.concatenate(list(evaluation.chunks(config, draw, num, out_dir / "chunks")))
     if jax.process_index() == 0:
-        np.savez(
+        npz.save(
             out_dir / "samples.npz",
             images=samples,
             prompts=np.asarray(prompts),

@@ -16,11 +16,11 @@ cut to max_length - 2 pieces, so [SEP] is always there.
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import numpy as np
 import tokenizers
+from etils import epath
 
 MAX_LENGTH = 77  # the pipeline's max_length, = LDMBert's max_position_embeddings
 
@@ -44,7 +44,7 @@ class PromptTokenizer:
     @classmethod
     def from_files(
         cls,
-        vocab_path: str | pathlib.Path,
+        vocab_path: epath.PathLike,
         config: dict[str, Any] | None = None,
         max_length: int = MAX_LENGTH,
     ) -> "PromptTokenizer":
@@ -70,7 +70,7 @@ class PromptTokenizer:
             ]
         }
         tokenizer = tokenizers.BertWordPieceTokenizer(
-            str(vocab_path),
+            read_vocab(vocab_path),
             clean_text=True,
             handle_chinese_chars=config.get("tokenize_chinese_chars", True),
             strip_accents=config.get("strip_accents"),  # None: follow lowercasing, as BERT
@@ -88,9 +88,9 @@ class PromptTokenizer:
         return cls(core, max_length, pad_id)
 
     @classmethod
-    def from_folder(cls, folder: str | pathlib.Path, max_length: int = MAX_LENGTH):
+    def from_folder(cls, folder: epath.PathLike, max_length: int = MAX_LENGTH):
         """Build from a pipeline's tokenizer/ folder: vocab.txt and tokenizer_config.json."""
-        folder = pathlib.Path(folder)
+        folder = epath.Path(folder)
         vocab = folder / "vocab.txt"
         if not vocab.exists():
             found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
@@ -105,6 +105,23 @@ class PromptTokenizer:
             prompts = [prompts]
         encodings = self.tokenizer.encode_batch(list(prompts))
         return np.asarray([e.ids for e in encodings], dtype=np.int32).reshape(-1, self.max_length)
+
+
+# What the tokenizers library (Rust's str::trim_end) strips from the end of a vocab line:
+# Unicode White_Space. str.rstrip() would strip the separators \x1c-\x1f as well.
+_WHITE_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
+    map(chr, range(0x2000, 0x200B))  # U+2000 to U+200A
+)
+
+
+def read_vocab(path: epath.PathLike) -> dict[str, int]:
+    """vocab.txt -> {token: id}, as `tokenizers` reads the file itself: id = line number,
+    lines split at "\\n" only, trailing white space dropped, a later duplicate wins. Read
+    here, through epath, so that a vocab.txt on gs:// serves too."""
+    lines = epath.Path(path).read_bytes().decode("utf-8").split("\n")
+    if lines[-1] == "":  # the newline that ends the last line starts no line
+        lines.pop()
+    return {line.rstrip(_WHITE_SPACE): index for index, line in enumerate(lines)}
 
 
 def _token_text(token: str | dict) -> str:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ast
 import collections
-import os
+import io
 import pickle
 import re
 import zipfile
@@ -34,6 +34,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 __all__ = [
     "ScriptObject",
@@ -214,17 +215,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _open_archive(path: str | os.PathLike) -> tuple[zipfile.ZipFile, str]:
-    """Opens a PyTorch zip archive; returns it and its record prefix (`<name>`)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+def _open_archive(path: epath.PathLike) -> tuple[zipfile.ZipFile, str]:
+    """Opens a PyTorch zip archive; returns it and its record prefix (`<name>`).
+
+    The file is read whole, through epath (a local path or gs://): zipfile needs a file
+    it can seek, and the tensors are copied out of it anyway.
+    """
+    path = epath.Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"no such PyTorch archive: {path}")
-    if not zipfile.is_zipfile(path):
+    data = io.BytesIO(path.read_bytes())
+    if not zipfile.is_zipfile(data):
         raise ValueError(
             f"{path} is not a zip archive: only the torch.save format of PyTorch >= 1.6 "
             "and TorchScript files are supported (re-save with a recent torch.save)"
         )
-    archive = zipfile.ZipFile(path)
+    archive = zipfile.ZipFile(data)
     prefixes = [n[: -len("/data.pkl")] for n in archive.namelist() if n.endswith("/data.pkl")]
     prefixes = [p for p in prefixes if "/" not in p]
     if len(prefixes) != 1:
@@ -246,7 +252,7 @@ def _load(path, allow_script_classes: bool) -> tuple[Any, zipfile.ZipFile, str]:
     return obj, archive, prefix
 
 
-def load_archive(path: str | os.PathLike, allow_script_classes: bool = True) -> Any:
+def load_archive(path: epath.PathLike, allow_script_classes: bool = True) -> Any:
     """Unpickles the archive's data.pkl; tensors become numpy arrays, modules ScriptObjects."""
     obj, archive, _ = _load(path, allow_script_classes)
     archive.close()
@@ -265,7 +271,7 @@ def _flatten(tree: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
         )
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_state_dict(path: epath.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch.save'd state dict (.bin/.pt/.pth) without torch.
 
     Returns {name: array} with arrays in the saved shape and dtype (bfloat16 via
@@ -304,7 +310,7 @@ def _state_names(archive: zipfile.ZipFile, prefix: str, qualname: str) -> list[s
     return None
 
 
-def load_torchscript_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_torchscript_params(path: epath.PathLike) -> dict[str, np.ndarray]:
     """Reads a TorchScript module's parameters and buffers without torch.
 
     Returns {dotted.name: array}, the same names as `torch.jit.load(path).state_dict()`.

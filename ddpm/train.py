@@ -8,10 +8,9 @@ global batch gives the same update on any number of devices, and a resumed run
 continues exactly as one that never stopped.
 """
 
+import contextlib
 import functools
 import itertools
-import pathlib
-import shutil
 import time
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 import optax
 import tensorflow as tf
 from absl import logging
+from etils import epath
 
 from ddpm import (
     checkpointing,
@@ -214,7 +214,7 @@ def check_finite(metrics, step, last_step):
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
 
     A start-up that fails (a bad config, missing data, no readable checkpoint) removes the
@@ -230,12 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             f"training.keep_every={keep_every} must be 0 or a multiple of "
             f"training.checkpoint_every={checkpoint_every} (only saved steps can be kept)"
         )
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OSError(f"cannot create the workdir {workdir}: {error.strerror}") from None
+        raise OSError(f"cannot create the workdir {workdir}: {error.strerror or error}") from None
     checkpointer = checkpointing.Checkpointer(
         workdir, keep=config.training.keep_checkpoints, keep_every=config.training.keep_every
     )
@@ -250,7 +250,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     except BaseException:
         checkpointer.close()
         if created and jax.process_index() == 0:
-            shutil.rmtree(workdir, ignore_errors=True)
+            # Best effort: the start-up error is the one to report, not the clean-up's.
+            with contextlib.suppress(Exception):
+                workdir.rmtree()
         raise
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

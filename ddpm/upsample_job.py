@@ -12,16 +12,16 @@ folder's name carries a hash of every setting that changes the result.
 """
 
 import json
-import pathlib
 from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
-from ddpm import evaluation, images, input_pipeline, samplers, super_resolution
+from ddpm import evaluation, images, input_pipeline, npz, samplers, super_resolution
 from ddpm.factories import create_diffusion
 
 UPSAMPLE_PURPOSE = 105  # fold_in purpose of the run's key (see evaluation's purposes)
@@ -42,7 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if c.samples_per_image < 1:
         raise ValueError(f"upsample.samples_per_image must be >= 1, got {c.samples_per_image}")
     evaluation.sampling_diffusion(config)  # checks sampling.method and num_steps
-    if c.source and not pathlib.Path(c.source).is_dir():
+    if c.source and not epath.Path(c.source).is_dir():
         raise ValueError(f"upsample.source={c.source!r} is not a folder of images")
     level, num_timesteps = c.low_res_noise_level, config.diffusion.num_timesteps
     if level and not config.model.low_res_noise:
@@ -83,7 +83,7 @@ def read_low_res_folder(path: str, size: int, num_channels: int, num_images: int
     mode = "L" if num_channels == 1 else "RGB"
     found = []
     for position in positions:
-        with Image.open(paths[position]) as image:
+        with epath.Path(paths[position]).open("rb") as f, Image.open(f) as image:
             if image.size != (size, size):
                 raise ValueError(
                     f"{paths[position]} is {image.size[0]}x{image.size[1]}, but the model "
@@ -134,10 +134,10 @@ def settings(config: ml_collections.ConfigDict) -> dict:
     }
 
 
-def output_dir(config, workdir, step: int) -> pathlib.Path:
+def output_dir(config, workdir, step: int) -> epath.Path:
     """workdir/upsample_step<N>_<sampler>_<hash of the settings>."""
     digest = evaluation.settings_digest(settings(config))
-    return pathlib.Path(workdir) / f"upsample_step{step}_{evaluation.sampler_name(config)}_{digest}"
+    return epath.Path(workdir) / f"upsample_step{step}_{evaluation.sampler_name(config)}_{digest}"
 
 
 def save_grid(inputs: Inputs, bicubic, results, path) -> None:
@@ -183,7 +183,7 @@ def upsample(config: ml_collections.ConfigDict, workdir) -> dict:
     if inputs.originals is not None:
         out.update(originals=inputs.originals, labels=inputs.labels)
     if jax.process_index() == 0:
-        np.savez(out_dir / "upsampled.npz", **out)
+        npz.save(out_dir / "upsampled.npz", **out)
         save_grid(inputs, bicubic, out["results"], out_dir / "grid.png")
         (out_dir / "settings.json").write_text(json.dumps(settings(config), indent=2, default=str))
         logging.info("Upsampled %d images x %d samples into %s", len(bicubic), per_image, out_dir)

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 
-from ddpm import convert_ldm
+from ddpm import convert_ldm, text_tokenizer
 from ddpm.models.ldmbert import LDMBert
 from ddpm.text_tokenizer import PromptTokenizer
 
@@ -44,6 +45,19 @@ def test_tokenizer_gives_transformers_ids(reference):
     ids = PromptTokenizer.from_folder(PIPELINE / "tokenizer")(prompts)
     assert ids.dtype == np.int32
     np.testing.assert_array_equal(ids, outputs["token_ids"])
+
+
+def test_vocab_is_read_as_the_tokenizers_library_reads_it(tmp_path):
+    """read_vocab (through epath, so gs:// works) gives the ids that `tokenizers` gives
+    reading the file itself: CRLF, trailing white space (not \\x1c), blank lines, a
+    duplicate, no final newline."""
+    path = tmp_path / "vocab.txt"
+    lines = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b \t", "c\r", "d\xa0",
+             "e\u3000", "f\x1c", "", "a", "\u2009g\u2009", "last"]  # fmt: skip
+    path.write_bytes("\n".join(lines).encode())
+    itself = tokenizers.BertWordPieceTokenizer(str(path)).get_vocab()
+    assert tokenizers.BertWordPieceTokenizer(text_tokenizer.read_vocab(path)).get_vocab() == itself
+    assert itself["f\x1c"] == 10 and itself["a"] == 12
 
 
 def test_bert_gives_torchs_text_states(bert, reference):

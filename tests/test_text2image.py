@@ -104,7 +104,8 @@ def test_sample_mode_writes_prompts_and_images_and_resumes(converted, tmp_path):
     direct_uint8 = text2image.images.to_uint8(direct)
     assert np.mean(direct_uint8 != samples) < 0.01  # at most a rounding level apart
 
-    chunks = sorted((out_dir / "chunks").glob("*.npz"))
+    # output_dir is an epath.Path (gs:// works); its stat() has no st_mtime_ns.
+    chunks = sorted(pathlib.Path(out_dir, "chunks").glob("*.npz"))
     stamps = [c.stat().st_mtime_ns for c in chunks]
     np.testing.assert_array_equal(text2image.sample(config, workdir), samples)
     assert [c.stat().st_mtime_ns for c in chunks] == stamps

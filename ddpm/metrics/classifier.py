@@ -7,7 +7,6 @@ the labels they were asked for, per class and overall.
 """
 
 import json
-import pathlib
 
 import flax.linen as nn
 import flax.serialization
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
 from ddpm import images
 
@@ -106,7 +106,7 @@ class Scorer:
         return np.concatenate(out) if out else np.zeros((0,), np.int64)
 
     def save(self, path) -> None:
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(flax.serialization.to_bytes(self.params))
         meta = {"num_classes": self.num_classes, "held_out_accuracy": self.held_out_accuracy}
@@ -115,7 +115,7 @@ class Scorer:
     @classmethod
     def load(cls, path, example_shape) -> "Scorer":
         """Reads a Scorer saved by `save` for images of shape example_shape (H, W, C)."""
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
         model = Classifier(meta["num_classes"])
         template = jax.eval_shape(

