@@ -19,6 +19,10 @@ The data are made once and kept in --cache-dir:
 - tfds_tfrecord: the same, prepared in tfds's default TFRecord format (read through the
   pipeline's record index).
 
+- grain0 / grain2 (the peer): grain's DataLoader over tfds.data_source on the same
+  ArrayRecord files (tfds decodes with PIL), in-process or with 2 worker processes; needs
+  `pip install grain` (not a project requirement). RSS then adds the workers' RSS.
+
 --old-module PATH also measures another input_pipeline.py (e.g. the version that decoded a
 tfds split into memory: `git show f633434:ddpm/input_pipeline.py > /tmp/old.py`) on the
 tfds_tfrecord data of the first size (it cannot read array_record).
@@ -150,13 +154,44 @@ def ensure_tfds(cache_dir: pathlib.Path, case: str, size: int, file_format: str)
 
 
 def _memory_mib() -> dict:
-    """VmRSS (resident now) and VmHWM (peak resident) of this process, MiB."""
+    """VmRSS (resident now, this process and its worker processes) and VmHWM (this
+    process's peak resident), MiB."""
+    import psutil
+
     fields = {}
     for line in pathlib.Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0]) / 1024  # kB
+    for child in psutil.Process().children(recursive=True):  # grain's workers
+        fields["VmRSS"] += child.memory_info().rss / 2**20
     return fields
+
+
+def _grain_batches(spec: dict):
+    """The peer: grain's DataLoader over tfds.data_source (the same ArrayRecord files,
+    decoded by tfds with PIL), shuffled, randomly flipped and batched by grain."""
+    import grain.python as grain
+    import tensorflow_datasets as tfds
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags (defaults: fine)
+    data = spec["data"]
+    source = tfds.data_source(data["dataset"], split="train", data_dir=data["data_dir"])
+
+    class Flip(grain.RandomMapTransform):
+        def random_map(self, example, rng):
+            image = example["image"]
+            return {"image": image[:, ::-1] if rng.integers(2) else image,
+                    "label": example["label"]}  # fmt: skip
+
+    sampler = grain.IndexSampler(len(source), grain.NoSharding(), shuffle=True, num_epochs=None,
+                                 seed=0)  # fmt: skip
+    loader = grain.DataLoader(
+        data_source=source, sampler=sampler, worker_count=spec["grain_workers"],
+        operations=[Flip(), grain.Batch(spec["batch_size"], drop_remainder=True)],
+    )  # fmt: skip
+    return iter(loader)
 
 
 def _child(spec: dict) -> dict:
@@ -177,10 +212,13 @@ def _child(spec: dict) -> dict:
     baseline = _memory_mib()
     data = ml_collections.ConfigDict(spec["data"])
     start = time.perf_counter()
-    batches = pipeline.create_train_iter(
-        data, global_batch_size=spec["batch_size"], seed=0, process_index=0, process_count=1,
-        local_device_count=1,
-    )  # fmt: skip
+    if spec["source"].startswith("grain"):
+        batches = _grain_batches(spec)
+    else:
+        batches = pipeline.create_train_iter(
+            data, global_batch_size=spec["batch_size"], seed=0, process_index=0,
+            process_count=1, local_device_count=1,
+        )  # fmt: skip
     next(batches)
     first_batch_s = time.perf_counter() - start
     after_first = _memory_mib()
@@ -210,12 +248,13 @@ def run_case(args, case: str, size: int, source: str, module: str = "") -> dict:
     ensure_folder(args.cache_dir, case, size, args.workers)
     if source == "folder":
         data["path"] = str(folder_path(args.cache_dir, case, size))
-    else:  # tfds (array_record) or tfds_tfrecord
+    else:  # tfds or grain (array_record), or tfds_tfrecord
         file_format = "tfrecord" if source == "tfds_tfrecord" else "array_record"
         data.update(source="tfds", dataset=f"bench_images/{case}_{size}",
                     data_dir=ensure_tfds(args.cache_dir, case, size, file_format))  # fmt: skip
     spec = dict(data=data, source=source, module=module, batch_size=args.batch_size,
-                warmup=args.warmup, batches=args.batches)  # fmt: skip
+                warmup=args.warmup, batches=args.batches,
+                grain_workers=int(source[5:] if source.startswith("grain") else 0))  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -233,8 +272,8 @@ def main():
     parser.add_argument("--cache-dir", type=pathlib.Path, help="where the data are kept")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000], choices=SIZES)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--sources", nargs="+", default=["folder", "tfds"],
-                        choices=["folder", "tfds", "tfds_tfrecord"])  # fmt: skip
+    sources = ["folder", "tfds", "tfds_tfrecord", "grain0", "grain2"]
+    parser.add_argument("--sources", nargs="+", default=sources[:2], choices=sources)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5, help="batches before timing")
     parser.add_argument("--batches", type=int, default=20, help="timed batches")
