@@ -5,8 +5,9 @@ The kernel is this interpreter: a throwaway kernelspec in a temporary folder run
 (another Python, another venv) can be picked up. Notebooks run with cwd notebooks/,
 DDPM_NOTEBOOK_SMOKE=1 (notebooks may shrink their work but keep the code paths),
 matplotlib's headless inline backend, and the repository root on PYTHONPATH so
-`import ddpm` works. The kernel inherits the rest of the environment, including the
-fake CPU devices of conftest.py.
+`import ddpm` works, and one CPU device, as on a laptop (conftest.py's eight fake devices
+would make every notebook ~40% slower; multi-device code is tested elsewhere). The kernel
+inherits the rest of the environment.
 """
 
 import os
@@ -50,6 +51,8 @@ def kernel_spec_manager(tmp_path_factory):
 def _kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     env["DDPM_NOTEBOOK_SMOKE"] = "1"
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=1"])
     # Headless and Agg-based, but unlike plain Agg (where plt.show() does nothing) it draws
     # every figure, so an error in a plot shows up here.
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
