@@ -97,3 +97,20 @@ def test_the_cluster_comes_from_the_environment_or_from_jax(monkeypatch):
     assert calls == [dict(coordinator_address="host:1234", num_processes=2, process_id=1), {}]
     with pytest.raises(ValueError, match="missing \\['JAX_PROCESS_ID'\\]"):
         platform.initialize_distributed({k: v for k, v in env.items() if k != "JAX_PROCESS_ID"})
+
+
+def test_the_first_log_line_names_the_platform_and_warns_of_an_unused_gpu(monkeypatch):
+    said = []
+    for level in ("info", "warning"):
+
+        def record(msg, *args, level=level):
+            said.append((level, msg % args))
+
+        monkeypatch.setattr(platform.logging, level, record)
+    for gpu in (False, True):
+        monkeypatch.setattr(platform, "nvidia_gpu_present", lambda gpu=gpu: gpu)
+        platform.log_devices()
+    line = f"JAX {jax.__version__}, process 0/1, platform cpu, 8 local devices (cpu), 8 in all"
+    assert said[:2] == [("info", line), ("info", line)]
+    assert len(said) == 3 and said[2][0] == "warning"
+    assert "NVIDIA GPU but JAX runs on the CPU: install the CUDA build" in said[2][1]
