@@ -16,3 +16,12 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The longest tests (main.py launches, notebooks, a 20k-step toy run) go first: under
+# `pytest -n 2` they start early and the short tests fill in around them, instead of one of
+# them running last on a worker of its own while the other worker idles.
+LONG_FIRST = ("test_multiprocess.py", "test_resume.py", "test_notebooks.py", "test_toy_2d.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: else as collected
