@@ -337,15 +337,18 @@ def _download_and_prepare(builder) -> None:
 _READY = set()
 
 
-def _prepared_builder(data: ml_collections.ConfigDict):
+def _prepared_builder(data: ml_collections.ConfigDict, split: str):
     """The builder of data.dataset, prepared on disk: downloaded first where data.download.
 
+    A split that the metadata does not list fails before any download (a registered data
+    set's metadata can list its splits before it is prepared) and again after preparing.
     Process 0 downloads and prepares while the others wait; then every process reads the
     shared data_dir. The first call for a data set is a barrier of all processes (each
     makes it, as every process builds the same pipelines in the same order); later calls
     are not.
     """
     builder = tfds_builder(data)
+    check_split(builder, data, split)
     if not data.get("download", True):
         if not builder.is_prepared():
             raise _not_prepared(builder, data, "data.download=False")
@@ -366,6 +369,7 @@ def _prepared_builder(data: ml_collections.ConfigDict):
     if failure is not None:
         raise failure
     builder = tfds_builder(data)  # reads the metadata that preparing wrote
+    check_split(builder, data, split)
     if jax.process_index() != 0 and not builder.is_prepared():
         raise _not_prepared(
             builder, data, "process 0 did not prepare it (see its log), or prepared it in a "
@@ -377,7 +381,8 @@ def _prepared_builder(data: ml_collections.ConfigDict):
 
 
 def check_split(builder, data: ml_collections.ConfigDict, split: str) -> None:
-    """Raises a ValueError for a split that the (prepared) builder's metadata does not list."""
+    """Raises a ValueError for a split that the builder's metadata does not list (metadata
+    that lists no splits, as a data set not yet prepared may have, passes)."""
     known = set(builder.info.splits)
     # 'train[:10%]+test' names the splits 'train' and 'test'.
     names = {part.split("[")[0].strip() for part in str(split).split("+")}
@@ -390,8 +395,7 @@ def check_split(builder, data: ml_collections.ConfigDict, split: str) -> None:
 
 def _tfds_records(data: ml_collections.ConfigDict, split: str):
     """(builder, Sequence of the split's serialized tf.train.Example records, stored order)."""
-    builder = _prepared_builder(data)
-    check_split(builder, data, split)
+    builder = _prepared_builder(data, split)
     try:
         raw = tfds.decode.DeserializeMethod.RAW_BYTES
         return builder, builder.as_data_source(split=split, deserialize_method=raw)

@@ -21,8 +21,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from ddpm import data_sources, evaluation, images, input_pipeline
 from ddpm import diffusion as D
-from ddpm import evaluation, images, input_pipeline
 from ddpm.evaluation import BPD_PURPOSE, SAMPLE_PURPOSE
 from ddpm.factories import create_diffusion
 from ddpm.metrics import classifier, fid
@@ -41,7 +41,7 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
         if not split:
             continue
         try:
-            input_pipeline.num_examples(config.data, split)
+            data_sources.num_examples(config.data, split)
         except ValueError as error:
             raise ValueError(
                 f"{field}={split!r} cannot be read from the data ({error}). Set --config.{field} "

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm import checkpointing, guidance, images, input_pipeline, npz, samplers
+from ddpm import checkpointing, data_sources, guidance, images, input_pipeline, npz, samplers
 from ddpm import diffusion as D
 from ddpm.factories import create_diffusion, create_model, init_params
 from ddpm.metrics import classifier, fid, inception
@@ -330,7 +330,7 @@ def reference_subset(config) -> np.ndarray | None:
     count = config.eval.num_reference
     if not count:
         return None
-    n = input_pipeline.num_examples(config.data, config.eval.split)
+    n = data_sources.num_examples(config.data, config.eval.split)
     if count > n:
         raise ValueError(f"eval.num_reference={count} but split {config.eval.split!r} has {n}")
     return np.sort(np.random.default_rng(0).permutation(n)[:count])

@@ -36,8 +36,6 @@ from ddpm import data_sources
 
 # Keeps this stream apart from other uses of the same seed.
 _ORDER_SALT = 0x5F1E
-# ddpm/upsample_job.py lists a folder of low-res inputs as the folder source does.
-_list_images = data_sources.list_images
 
 
 def area_downsample(images: tf.Tensor, low_res_size: int) -> tf.Tensor:
@@ -48,19 +46,6 @@ def area_downsample(images: tf.Tensor, low_res_size: int) -> tf.Tensor:
     blocks = tf.reshape(tf.cast(images, tf.float32), [-1, low_res_size, k, low_res_size, k,
                                                       channels])  # fmt: skip
     return tf.cast(tf.round(tf.reduce_mean(blocks, axis=[2, 4])), tf.uint8)
-
-
-def _tfds_builder(data: ml_collections.ConfigDict):
-    """data.dataset's tfds builder: metadata only (tests replace it with a stand-in)."""
-    return data_sources.tfds_builder(data)
-
-
-def num_examples(data: ml_collections.ConfigDict, split: str) -> int:
-    """Number of examples in `split` (a folder has one split: all the images found)."""
-    data_sources.check_data(data)
-    if data.source == "tfds":  # a split the metadata does not list fails before any download
-        data_sources.check_split(_tfds_builder(data), data, split)
-    return data_sources.num_examples(data, split)
 
 
 # ---------------------------------------------------------------------------- batching

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from ddpm import evaluation, images, input_pipeline, npz, samplers, super_resolution
+from ddpm import data_sources, evaluation, images, input_pipeline, npz, samplers, super_resolution
 from ddpm.factories import create_diffusion
 
 UPSAMPLE_PURPOSE = 105  # fold_in purpose of the run's key (see evaluation's purposes)
@@ -78,7 +78,7 @@ def read_low_res_folder(path: str, size: int, num_channels: int, num_images: int
     An image that is not size x size is an error naming the file: a wrong size means a
     wrong model or a wrong folder, and silently resizing it would hide that.
     """
-    paths, _ = input_pipeline._list_images(path)
+    paths, _ = data_sources.list_images(path)
     positions = _chosen(len(paths), num_images)
     mode = "L" if num_channels == 1 else "RGB"
     found = []

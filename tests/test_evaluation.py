@@ -11,8 +11,8 @@ import tensorflow_datasets as tfds
 import tiny
 from PIL import Image
 
+from ddpm import data_sources, eval_job, evaluation, factories, images, input_pipeline
 from ddpm import diffusion as D
-from ddpm import eval_job, evaluation, factories, images, input_pipeline
 
 
 def tiny_config():
@@ -171,7 +171,7 @@ def test_a_missing_split_fails_before_anything_is_sampled(workdir, monkeypatch):
     # A prepared tfds dataset's metadata lists its splits (tfds's mock data lists none).
     info = types.SimpleNamespace(splits={"train": None, "test": None})
     builder = types.SimpleNamespace(info=info)
-    monkeypatch.setattr(input_pipeline, "_tfds_builder", lambda data: builder)
+    monkeypatch.setattr(data_sources, "tfds_builder", lambda data: builder)
     config = tiny_config()
     config.eval.update(num_samples=10, bpd_split="validation")
     before = sorted(p.name for p in workdir.iterdir())

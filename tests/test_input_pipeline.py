@@ -98,7 +98,7 @@ def test_tfds_mock_cifar10_shapes_dtypes_and_determinism():
         first = take(input_pipeline.create_train_iter(data, global_batch_size=16, seed=3), 3)
         again = take(input_pipeline.create_train_iter(data, global_batch_size=16, seed=3), 3)
         batch = next(input_pipeline.create_train_iter(data, global_batch_size=16, seed=3))
-        assert input_pipeline.num_examples(data, "train") == 10
+        assert data_sources.num_examples(data, "train") == 10
     assert batch["image"].shape == (8, 2, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].shape == (8, 2) and batch["label"].dtype == np.int32
     assert 0 <= batch["label"].min() and batch["label"].max() < 10
@@ -187,7 +187,7 @@ def test_tfds_on_disk_reads_stored_pixels_labels_and_subsplits(tiny_dirs):
     found = {}
     for file_format, data_dir in tiny_dirs.items():
         data = tiny_data(data_dir, download=False)
-        assert input_pipeline.num_examples(data, "train[5:15]") == 10
+        assert data_sources.num_examples(data, "train[5:15]") == 10
         found[file_format] = (
             input_pipeline.load_examples(data, "train", batch_size=8),
             input_pipeline.load_examples(data, "train[5:15]", batch_size=8),
@@ -243,8 +243,8 @@ def test_tfds_corrupt_record_names_the_example(tiny_dirs, file_format):
 def test_tfds_download_prepares_once_in_array_record(tmp_path):
     TinyIndexed.prepared = 0
     data = tiny_data(tmp_path)
-    assert input_pipeline.num_examples(data, "train") == NUM_INDEXED
-    assert input_pipeline.num_examples(data, "corrupt") == 5
+    assert data_sources.num_examples(data, "train") == NUM_INDEXED
+    assert data_sources.num_examples(data, "corrupt") == 5
     assert TinyIndexed.prepared == 1
     assert list(tmp_path.rglob("*.array_record-*")) and not list(tmp_path.rglob("*.tfrecord*"))
 
@@ -281,7 +281,7 @@ def test_tfds_other_process_without_the_data_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     monkeypatch.setattr(platform, "wait_for_all_processes", lambda name, timeout_s: None)
     with pytest.raises(ValueError, match="every process must share data.data_dir"):
-        input_pipeline.num_examples(tiny_data(tmp_path), "train")
+        data_sources.num_examples(tiny_data(tmp_path), "train")
 
 
 def test_tfds_offline_download_fails_fast_naming_the_data_dir(tmp_path, monkeypatch):
@@ -310,7 +310,7 @@ def test_tfds_connection_error_while_downloading_names_the_data_dir(tmp_path, mo
 
     monkeypatch.setattr(TinyIndexed, "_split_generators", split_generators)
     with pytest.raises(ValueError, match=r"downloading it failed \(Failed to resolve"):
-        input_pipeline.num_examples(tiny_data(tmp_path), "train")
+        data_sources.num_examples(tiny_data(tmp_path), "train")
 
 
 # ---------------------------------------------------------------------------- order
@@ -523,7 +523,7 @@ def pil_oracle(path, size, channels):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_folder_pixels_and_labels_match_pil(image_folder, channels):
     data = make_data(source="folder", path=str(image_folder), image_size=24, num_channels=channels)
-    assert input_pipeline.num_examples(data, "train") == len(FOLDER_FILES)
+    assert data_sources.num_examples(data, "train") == len(FOLDER_FILES)
     batches = list(input_pipeline.create_eval_iter(data, split="train", global_batch_size=8))
     assert len(batches) == 1
     batch = flat(batches[0])
@@ -589,7 +589,7 @@ def test_error_unknown_source_and_bad_fields():
     with pytest.raises(ValueError, match="Unknown data.source='hdf5'"):
         input_pipeline.create_train_iter(make_data(source="hdf5"), global_batch_size=8, seed=0)
     with pytest.raises(ValueError, match="num_channels must be 1 or 3"):
-        input_pipeline.num_examples(make_data(num_channels=4), "train")
+        data_sources.num_examples(make_data(num_channels=4), "train")
 
 
 def test_error_tfds_not_prepared(tmp_path):
@@ -601,11 +601,11 @@ def test_error_tfds_not_prepared(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing downloaded or prepared
     default = tiny_data("", download=False)
     with pytest.raises(ValueError, match=r"data_dir='' \(empty: tfds's default\)") as info:
-        input_pipeline.num_examples(default, "train")
+        data_sources.num_examples(default, "train")
     root = tfds.builder("tiny_indexed").data_dir_root
     assert f"not prepared in {root} " in str(info.value)
     with pytest.raises(ValueError, match="Unknown tfds dataset data.dataset='no_such_dataset'"):
-        input_pipeline.num_examples(make_data(dataset="no_such_dataset"), "train")
+        data_sources.num_examples(make_data(dataset="no_such_dataset"), "train")
 
 
 def test_error_batch_not_divisible_before_reading(tmp_path):
