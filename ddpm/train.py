@@ -28,7 +28,6 @@ from ddpm import (
     evaluation,
     images,
     input_pipeline,
-    platform,
     super_resolution,
 )
 from ddpm import diffusion as D
@@ -314,7 +313,6 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
     last_logged = start_step
     fid_every = config.training.fid_every
     logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
-    platform.wait_for_all_processes("start training")  # start-up times differ
     try:
         for step in range(start_step + 1, num_steps + 1):
             state, metrics = p_train_step(state, next(train_iter), train_rng)
