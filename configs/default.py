@@ -63,11 +63,18 @@ def get_config() -> ml_collections.ConfigDict:
     # fixedlarge (sigma^2 = beta) / fixedsmall (beta-tilde) / learned / learned_range.
     diffusion.var_type = "fixedlarge"
     diffusion.loss_type = "mse"  # mse (L_simple) / kl (the true bound) / hybrid.
+    # > 0: weight L_simple by Min-SNR-gamma (Hang et al. 2023: gamma = 5), which keeps the
+    # low-noise steps from dominating training; 0: the paper's unweighted L_simple.
+    diffusion.min_snr_gamma = 0.0
 
     training = config.training = ml_collections.ConfigDict()
     training.batch_size = 128  # Global batch, split evenly over all devices of all hosts.
     training.num_train_steps = 800_000
     training.ema_decay = 0.9999
+    # EMA warm-up: update n (from 0) uses decay min(ema_decay, (1 + n) / (10 + n)), so the
+    # average forgets the random initial weights within the first steps instead of over
+    # ~1 / (1 - ema_decay) of them; for short runs. False: ema_decay from the start (paper).
+    training.ema_warmup = False
     training.log_every = 100  # Console line and TensorBoard scalars.
     training.checkpoint_every = 10_000
     training.keep_checkpoints = 3  # The newest K periodic checkpoints are kept.

@@ -22,6 +22,8 @@ import numpy as np
 MEAN_TYPES = ("eps", "xstart", "xprev", "v")
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "hybrid")
+# Targets whose error Min-SNR-gamma weighting is defined for (an x_prev error is not x_0's).
+MIN_SNR_MEAN_TYPES = ("eps", "xstart", "v")
 LEARNED_VAR_TYPES = ("learned", "learned_range")
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -50,6 +52,8 @@ class Diffusion:
     mean_type: str = flax.struct.field(pytree_node=False, default="eps")
     var_type: str = flax.struct.field(pytree_node=False, default="fixedlarge")
     loss_type: str = flax.struct.field(pytree_node=False, default="mse")
+    # > 0: Min-SNR-gamma loss weighting of L_simple (Hang et al. 2023); 0: unweighted.
+    min_snr_gamma: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def num_timesteps(self) -> int:
@@ -62,6 +66,7 @@ def create_diffusion(
     mean_type: str = "eps",
     var_type: str = "fixedlarge",
     loss_type: str = "mse",
+    min_snr_gamma: float = 0.0,
     use_timesteps: Sequence[int] | None = None,
 ) -> Diffusion:
     """Builds the tables once from float64 betas [T].
@@ -72,6 +77,7 @@ def create_diffusion(
       var_type: 'fixedlarge' (sigma^2 = beta), 'fixedsmall' (beta-tilde), 'learned'
         (the model outputs log sigma^2) or 'learned_range' (improved DDPM interpolation).
       loss_type: 'mse' (L_simple), 'kl' (the true bound) or 'hybrid' (improved DDPM).
+      min_snr_gamma: > 0 weights the 'mse' loss by Min-SNR-gamma (`min_snr_weight`).
       use_timesteps: respace to this subset of {0..T-1} (improved DDPM, section 4):
         betas are recomputed so the kept steps have the original alpha_bar.
     """
@@ -97,6 +103,13 @@ def create_diffusion(
         raise ValueError(
             "loss_type 'hybrid' trains a learned variance: "
             "use var_type 'learned' or 'learned_range'"
+        )
+    if min_snr_gamma < 0:
+        raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {min_snr_gamma}")
+    if min_snr_gamma and (loss_type != "mse" or mean_type not in MIN_SNR_MEAN_TYPES):
+        raise ValueError(
+            f"min_snr_gamma weights L_simple of an {', '.join(MIN_SNR_MEAN_TYPES)} model; "
+            f"got loss_type {loss_type!r}, mean_type {mean_type!r}"
         )
 
     timestep_map = np.arange(betas.size)
@@ -135,6 +148,7 @@ def create_diffusion(
         mean_type=mean_type,
         var_type=var_type,
         loss_type=loss_type,
+        min_snr_gamma=float(min_snr_gamma),
     )
 
 
@@ -443,12 +457,26 @@ def training_losses(
     }[d.mean_type]()
     mse = _mean_over_data((target - mean_output) ** 2, t)
     if d.loss_type == "mse":
-        return {"loss": mse, "mse": mse}
+        loss = mse * min_snr_weight(d, t) if d.min_snr_gamma else mse
+        return {"loss": loss, "mse": mse}
     var_output = jnp.split(output, 2, axis=-1)[1]
     frozen = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
     vb, _ = vb_terms_bpd(d, frozen, x_start, x_t, t, clip_denoised=False)
     vb = vb * d.num_timesteps / 1000.0
     return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def min_snr_weight(d: Diffusion, t: jax.Array) -> jax.Array:
+    """Min-SNR-gamma loss weights [B] (Hang et al. 2023, eq. 7) for the model's target.
+
+    The x_0 error is weighted by min(SNR_t, gamma), SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+    Since |eps - eps_hat|^2 = SNR_t |x_0 - x_0_hat|^2 and |v - v_hat|^2 =
+    (SNR_t + 1) |x_0 - x_0_hat|^2, that is min(SNR_t, gamma) / SNR_t on the eps error and
+    min(SNR_t, gamma) / (SNR_t + 1) on the v error.
+    """
+    snr = 1.0 / jnp.square(d.sqrt_recipm1_alphas_cumprod[t])  # the table is SNR^(-1/2)
+    clipped = jnp.minimum(snr, d.min_snr_gamma)
+    return {"eps": clipped / snr, "xstart": clipped, "v": clipped / (snr + 1.0)}[d.mean_type]
 
 
 class BpdResult(NamedTuple):

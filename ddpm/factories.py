@@ -110,6 +110,7 @@ def create_diffusion(config: ml_collections.ConfigDict, *, use_timesteps=None) -
         mean_type=c.mean_type,
         var_type=c.var_type,
         loss_type=c.loss_type,
+        min_snr_gamma=c.min_snr_gamma,
         use_timesteps=use_timesteps,
     )
 

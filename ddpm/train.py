@@ -56,9 +56,22 @@ def drop_labels(labels, rng, global_index, *, rate: float, null_label: int):
     return jnp.where(dropped, null_label, labels)
 
 
+def ema_decay_at(step, ema_decay: float, warmup: bool):
+    """The EMA decay of update number `step` (0, 1, ...).
+
+    With warm-up, min(ema_decay, (1 + step) / (10 + step)) (as tf.train's
+    ExponentialMovingAverage with num_updates): 0.1 at the first update, 0.99 near step
+    890, so the average leaves the random initial weights behind early in a short run.
+    """
+    if not warmup:
+        return ema_decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
 def train_step(
-    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, label_dropout=0.0,
-    low_res_max_level=0,
+    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, ema_warmup=False,
+    label_dropout=0.0, low_res_max_level=0,
 ):  # fmt: skip
     """One update on this device's share of the global batch (run under pmap 'batch').
 
@@ -67,6 +80,7 @@ def train_step(
       batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]} (+ 'low_res' uint8
         [b, h, w, C] for super-resolution), this device's share.
       rng: the run's key; folded with the step, and per example with its global index.
+      ema_decay, ema_warmup: the EMA's decay, and whether it warms up (`ema_decay_at`).
       label_dropout: for a class-conditional model, the probability of training an
         example with the null label (classifier-free guidance).
       low_res_max_level: a noise-conditioned super-resolution model's largest
@@ -118,9 +132,8 @@ def train_step(
     grads = jax.lax.pmean(grads, "batch")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree.map(
-        lambda e, p: ema_decay * e + (1 - ema_decay) * p, state.ema_params, params
-    )
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     metrics = {
         "loss": jax.lax.pmean(loss, "batch"),
         "grad_norm": optax.tree.norm(grads),
@@ -150,6 +163,7 @@ def make_train_step(config, model, diffusion, tx, devices=None):
         diffusion=diffusion,
         tx=tx,
         ema_decay=config.training.ema_decay,
+        ema_warmup=config.training.ema_warmup,
         label_dropout=config.training.label_dropout,
         low_res_max_level=super_resolution.max_noise_level(config),
     )

@@ -270,6 +270,29 @@ def test_training_losses(inputs, loss_type, var_type, mean_type):
     assert losses["loss"].shape == (SHAPE[0],)
 
 
+@pytest.mark.parametrize("mean_type", ["eps", "xstart", "v"])
+def test_min_snr_loss_is_min_snr_times_the_x0_error(inputs, mean_type):
+    """Min-SNR-gamma (Hang et al. 2023, eq. 7): min(SNR_t, gamma) |x_0 - x_0_hat|^2, with x_0_hat
+    recovered from the model's output by the float64 oracle, whatever the model predicts."""
+    x0, noise, t, xt = inputs
+    out = np.random.default_rng(7).standard_normal(SHAPE)
+    d = D.create_diffusion(BETAS, mean_type=mean_type, min_snr_gamma=5.0)
+    losses = D.training_losses(d, lambda x, s: jnp.asarray(out, jnp.float32), *f32(x0, t, noise))
+    x0_hat = {
+        "eps": lambda: ORACLE.x0_from_eps(xt, t, out),
+        "xstart": lambda: out,
+        "v": lambda: ORACLE.x0_from_v(xt, t, out),
+    }[mean_type]()
+    alpha_bar = np.cumprod(1.0 - BETAS)[t]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    weight = np.minimum(snr, 5.0)
+    assert weight.min() < 5.0 == weight.max()  # both sides of the clip are in the batch
+    assert_rel(losses["loss"], weight * Oracle.mean_over_data((x0 - x0_hat) ** 2))
+    plain = D.training_losses(D.create_diffusion(BETAS, mean_type=mean_type), lambda x, s: out,
+                              *f32(x0, t, noise))  # fmt: skip
+    np.testing.assert_allclose(losses["mse"], plain["loss"], rtol=1e-6)  # 'mse' is unweighted
+
+
 def test_hybrid_vb_term_trains_only_the_variance(inputs):
     x0, noise, t, _ = inputs
     d = D.create_diffusion(BETAS, var_type="learned_range", loss_type="hybrid")
@@ -428,6 +451,9 @@ def test_jit_and_vmap_agree(inputs):
         (dict(var_type="learned_range", loss_type="mse"), "L_simple cannot train"),
         (dict(var_type="fixedlarge", loss_type="hybrid"), "trains a learned variance"),
         (dict(use_timesteps=[0, 1000]), "subset of 0..999"),
+        (dict(min_snr_gamma=-1.0), "min_snr_gamma must be >= 0"),
+        (dict(min_snr_gamma=5.0, mean_type="xprev"), "mean_type 'xprev'"),
+        (dict(min_snr_gamma=5.0, loss_type="kl"), "loss_type 'kl'"),
     ],
 )
 def test_bad_configuration_raises(kwargs, message):

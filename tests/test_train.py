@@ -150,3 +150,28 @@ def test_learning_rate_warms_up_linearly_from_zero():
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(2500)), 1e-4, rtol=1e-6)
     assert float(schedule(5000)) == float(schedule(800_000)) == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_follows_its_decay_schedule(warmup):
+    """EMA after each step = decay_n * EMA + (1 - decay_n) * params, with decay_n the
+    config's decay, or with warm-up min(decay, (1 + n) / (10 + n)) for update n = 0, 1, ..."""
+    config = tiny.tiny_config({"training.ema_decay": 0.5, "training.ema_warmup": warmup})
+    model, diffusion = factories.create_model(config), factories.create_diffusion(config)
+    tx = optax.sgd(0.5)
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    state = train.replicated(state, jax.devices()[:1])
+    step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:1])
+    ema = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+    rng = np.random.default_rng(0)
+    for n in range(4):
+        batch = {"image": rng.integers(0, 256, (1, 4, 8, 8, 3), np.uint8),
+                 "label": np.zeros((1, 4), np.int32)}  # fmt: skip
+        state, _ = step_fn(state, batch, jax.random.key(1))
+        decay = min(0.5, (1 + n) / (10 + n)) if warmup else 0.5
+        ema = jax.tree.map(lambda e, p, d=decay: d * e + (1 - d) * np.asarray(p), ema, state.params)
+    for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # The EMA lags the params (warm-up decays: 0.1, 0.18, 0.25, 0.31): the check has teeth.
+    gap = jax.tree.map(lambda e, p: float(np.max(np.abs(e - np.asarray(p)))), ema, state.params)
+    assert max(jax.tree.leaves(gap)) > 1e-3
