@@ -287,6 +287,10 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     return samples
 
 
+# Images per Inception call (FeatureExtractor): the fastest of the sizes measured on a CPU.
+INCEPTION_BATCH = 50
+
+
 class FeatureExtractor:
     """uint8 images [B, H, W, C] (C = 1 or 3) -> Inception pool3 features and logits."""
 
@@ -309,10 +313,24 @@ class FeatureExtractor:
             )
 
     def __call__(self, images_uint8):
+        """Features [N, 2048] and logits [N, 1008] | None.
+
+        On a CPU, at most INCEPTION_BATCH images per call, the last chunk padded so that
+        every call has one shape: 50 images per call ran 1.7x as many images/s as 200.
+        """
+        n = len(images_uint8)
         if images_uint8.shape[-1] == 1:  # grayscale: the network takes RGB
             images_uint8 = np.repeat(images_uint8, 3, axis=-1)
-        features, logits = self.apply(jnp.asarray(images_uint8))
-        return np.asarray(features), None if logits is None else np.asarray(logits)
+        size = min(n, INCEPTION_BATCH) if jax.default_backend() == "cpu" else n
+        features, logits = [], []
+        for start in range(0, n, size):
+            chunk = images_uint8[start : start + size]
+            padding = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            chunk_features, chunk_logits = self.apply(jnp.asarray(np.concatenate([chunk, padding])))
+            features.append(np.asarray(chunk_features))
+            logits.append(None if chunk_logits is None else np.asarray(chunk_logits))
+        features = np.concatenate(features)[:n]
+        return features, None if logits[0] is None else np.concatenate(logits)[:n]
 
 
 def _data_name(d: ml_collections.ConfigDict, split: str) -> str:

@@ -199,3 +199,30 @@ def test_reference_statistics_are_those_of_the_chosen_images(tmp_path, num_refer
     features = (chosen.reshape(len(chosen), -1) / 255.0) @ projection
     np.testing.assert_allclose(mu, features.mean(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(sigma, np.cov(features, rowvar=False), rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("n,logits", [(120, True), (7, False)])
+def test_feature_extractor_calls_inception_in_chunks_of_one_shape(monkeypatch, n, logits):
+    """Any number of images: at most INCEPTION_BATCH per call, every call one shape (the
+    last chunk padded), and the results those of the whole set, grayscale made RGB."""
+    projection = np.random.default_rng(0).standard_normal((6 * 6 * 3, 2048))
+    shapes = []
+
+    def inception(images_uint8):  # stands in for the network: a fixed linear map
+        shapes.append(images_uint8.shape)
+        features = (np.asarray(images_uint8).reshape(len(images_uint8), -1) / 255.0) @ projection
+        return features, features[:, :1008] if logits else None
+
+    monkeypatch.setattr(evaluation.inception, "load_inception_params", lambda *a, **k: {})
+    monkeypatch.setattr(evaluation.inception, "inception_fn", lambda variables: inception)
+    monkeypatch.setattr(evaluation.inception, "num_classes_of", lambda variables: 1008)
+    gray = np.random.default_rng(1).integers(0, 256, (n, 6, 6, 1), np.uint8)
+    features, got_logits = evaluation.FeatureExtractor("", None)(gray)
+    want = (np.repeat(gray, 3, axis=-1).reshape(n, -1) / 255.0) @ projection
+    np.testing.assert_allclose(features, want, rtol=1e-12)
+    if logits:
+        np.testing.assert_allclose(got_logits, want[:, :1008], rtol=1e-12)
+    else:
+        assert got_logits is None
+    size = min(n, evaluation.INCEPTION_BATCH)
+    assert shapes == [(size, 6, 6, 3)] * -(-n // size)
