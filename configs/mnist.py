@@ -1,10 +1,16 @@
-"""A small model for MNIST that learns recognisable digits on a 2-core CPU in about 30 min.
+"""A small model for MNIST at its native 28x28 that learns good digits on a 2-core CPU in 30 min.
 
-Digits are resized from 28x28 to 16x16 (antialiased): on a CPU, convolutions at 28x28
-cost about five times as much per step (measured: 1.5 s against 0.34 s at batch 32),
-and 16x16 digits are still plainly legible. 1.1M parameters. Offline, train from a
-folder of PNGs (tools/mnist_to_folder.py writes one from the IDX files):
-  --config.data.source=folder --config.data.path=DIR
+The levels are 28, 14 and 7 (ch_mult of three): two halvings, so no level has to halve an
+odd size, and self-attention runs at 7x7 (49 positions), where it is cheap. 1.1M
+parameters; on a 2-core CPU about 52 training images/s and 155 sampling forward passes/s.
+What each choice bought is measured by benchmarks/mnist_quality.py (FID of 1,000
+samples against all 10,000 test digits after 10, 20 and 30 minutes of training):
+  - 28x28, not 16x16: 16x16 digits score FID 46 against the 28x28 ones even when real;
+  - EMA warm-up: the average forgets the initial weights within the first steps;
+  - Min-SNR-5 loss weighting;
+  - DDIM with 40 steps, so 1,000 samples take about 4 minutes (training grids too).
+Offline, train from a folder of PNGs (tools/mnist_to_folder.py writes one from the IDX
+files): --config.data.source=folder --config.data.path=DIR
 """
 
 from configs import default
@@ -13,22 +19,27 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.data.dataset = "mnist"
-    config.data.image_size = 16
+    config.data.image_size = 28
     config.data.num_channels = 1
     config.data.random_flip = False  # Digits are not mirror-symmetric.
     config.model.ch = 32
     config.model.ch_mult = (1, 2, 2)
     config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (8,)
+    config.model.attn_resolutions = (7,)
     config.model.dropout = 0.0
+    config.diffusion.min_snr_gamma = 5.0
     config.training.batch_size = 32
     config.training.num_train_steps = 4000
     config.training.ema_decay = 0.999  # A short run: the paper's 0.9999 averages over too long.
+    config.training.ema_warmup = True
     config.training.log_every = 100
     config.training.checkpoint_every = 500
     config.training.sample_every = 1000
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 200
+    config.sampling.method = "ddim"
+    config.sampling.num_steps = 40
+    config.sampling.batch_size = 250  # 1,000 samples in 4 chains of one compiled shape
     config.eval.split = "test"
     config.eval.num_samples = 1000
     return config
