@@ -114,8 +114,7 @@ def evaluate(config, kept: dict, reference: tuple, extractor) -> dict:
     sampling_s = time.monotonic() - start
     images.save_grid(samples[:100], epath.Path(f"{kept['dir']}.png"))
     stats = fid.RunningStatistics(2048)
-    for first in range(0, len(samples), config.eval.batch_size):
-        stats.update(extractor(samples[first : first + config.eval.batch_size])[0])
+    stats.update(extractor(samples)[0])  # FeatureExtractor feeds Inception chunk by chunk
     score = fid.frechet_distance(*stats.mean_and_covariance(), *reference)
     grey = np.mean((samples > 63) & (samples < 192), axis=(1, 2, 3))
     noisy = int(np.sum(grey > NOISY_GREY_FRACTION))
@@ -130,7 +129,6 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
     minutes = sorted(float(m) for m in FLAGS.minutes)
-    config.unlock()
     config.data.update(source="folder", path=FLAGS.digits)
     kept = train(overrides, workdir / "run", minutes)
 
