@@ -1,12 +1,12 @@
 """FID of an MNIST model against its training wall-clock: the first-contact protocol.
 
 Trains a config with `main.py` on a folder of digit PNGs for a wall-clock budget, keeps
-the newest checkpoint at each of the given minutes (the last one is the exact step at
-which SIGTERM stopped training), then for each keep draws --num_samples samples with the
-config's sampler and reports the Inception FID against *all* the folder's digits at
-28x28 (the project's Inception, statistics cached in --stats_dir), with the step, the
-training images/s, the sampling time and the number of "noise squares" (samples with
-over 25% mid-grey pixels; no real digit has 12%).
+the exact step reached at each of the given minutes (training is stopped there by
+SIGTERM, which saves, and resumed for the next mark), then for each keep draws
+--num_samples samples with the config's sampler and reports the Inception FID against
+*all* the folder's digits at 28x28 (the project's Inception, statistics cached in
+--stats_dir), with the step, the training images/s, the sampling time and the number of
+"noise squares" (samples with over 25% mid-grey pixels; no real digit has 12%).
 
   python tools/mnist_to_folder.py --images t10k-images-idx3-ubyte.gz \\
       --labels t10k-labels-idx1-ubyte.gz --out_dir /tmp/mnist_png
@@ -45,7 +45,6 @@ flags.DEFINE_string("digits", None, "A folder of digit PNGs (tools/mnist_to_fold
 flags.DEFINE_string("workdir", None, "Where the run, the kept checkpoints and results go.")
 flags.DEFINE_list("minutes", ["10", "20", "30"], "Training minutes at which to keep a model.")
 flags.DEFINE_integer("num_samples", 1000, "Samples per kept model for FID.")
-flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (the keeps' grain).")
 flags.DEFINE_string(
     "stats_dir", "", "Cache of the digits' Inception statistics (default: workdir)."
 )
@@ -73,30 +72,37 @@ def keep(run_dir: epath.Path, keep_dir: epath.Path) -> int:
 
 
 def train(config_overrides: list[str], run_dir: epath.Path, minutes: list[float]) -> list[dict]:
-    """Runs main.py until the last mark; returns [{'minutes', 'step', 'dir'}] per mark."""
+    """Trains until each mark in turn; returns [{'minutes', 'step', 'dir'}] per mark.
+
+    Each mark is reached by one main.py run, stopped by SIGTERM (its save is exact) and
+    resumed by the next, so no periodic checkpoints slow training down; a mark counts the
+    wall-clock time of all runs so far, their start-ups and saves included.
+    """
     main_py = epath.Path(__file__).parent.parent / "main.py"
+    never = FLAGS.config.training.steps_per_dispatch * 10**8  # no periodic checkpoints
     command = [
         sys.executable, str(main_py), f"--config={FLAGS['config'].config_filename}",
         *config_overrides, f"--workdir={run_dir}", "--config.data.source=folder",
-        f"--config.data.path={FLAGS.digits}", "--config.training.num_train_steps=1000000000",
-        f"--config.training.checkpoint_every={FLAGS.checkpoint_every}",
+        f"--config.data.path={FLAGS.digits}", f"--config.training.num_train_steps={never}",
+        f"--config.training.checkpoint_every={never}",
     ]  # fmt: skip
     log = (run_dir.parent / "train.log").open("w")
-    start = time.monotonic()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    kept = []
-    for i, mark in enumerate(minutes):
-        time.sleep(max(0.0, start + 60 * mark - time.monotonic()))
+    trained, kept = 0.0, []
+    for mark in minutes:
+        start = time.monotonic()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(max(0.0, 60 * mark - trained))
         if process.poll() is not None:
             raise RuntimeError(f"training exited early ({process.returncode}): see {log.name}")
+        process.send_signal(signal.SIGTERM)
+        if process.wait() != 0:
+            raise RuntimeError(f"training failed on SIGTERM: see {log.name}")
+        trained += time.monotonic() - start
         keep_dir = run_dir.parent / f"at_{mark:g}min"
         shutil.rmtree(keep_dir, ignore_errors=True)
-        if i == len(minutes) - 1:  # the last mark: stop; the preemption save is exact
-            process.send_signal(signal.SIGTERM)
-            if process.wait() != 0:
-                raise RuntimeError(f"training failed on SIGTERM: see {log.name}")
         kept.append({"minutes": mark, "step": keep(run_dir, keep_dir), "dir": keep_dir})
-        logging.info("kept step %d at %g min", kept[-1]["step"], mark)
+        logging.info("kept step %d at %g min (%.1f min trained)", kept[-1]["step"], mark,
+                     trained / 60)  # fmt: skip
     return kept
 
 

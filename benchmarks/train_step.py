@@ -48,8 +48,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
 
 
-def measure(run_steps, wait, steps: int) -> dict:
-    """Times run_steps(n) up to wait(): the first step, the second, then `steps` as one window."""
+def measure(run_steps, wait, steps: int, per_call: int = 1) -> dict:
+    """Times run_steps(n) up to wait(): the first call of per_call steps, the second, then
+    `steps` steps as one window."""
 
     def timed(n):
         start = time.perf_counter()
@@ -57,7 +58,7 @@ def measure(run_steps, wait, steps: int) -> dict:
         wait()
         return time.perf_counter() - start
 
-    compile_s, second_s = timed(1), timed(1)
+    compile_s, second_s = timed(per_call), timed(per_call)
     step_s = timed(steps) / steps
     return dict(compile_s=compile_s, second_s=second_s, step_s=step_s, peak_rss_mb=peak_rss_mb())
 
@@ -104,7 +105,8 @@ def run_jax(args) -> dict:
     state = train.replicated(state, devices)  # as train_and_evaluate does: one compile
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     print(f"jax: {params:,} parameters on {len(devices)} x {devices[0].device_kind}")
-    p_train_step = train.make_train_step(config, model, diffusion, tx, devices)
+    k = args.steps_per_dispatch
+    p_train_step = train.make_train_step(config, model, diffusion, tx, devices, steps=k)
 
     size, channels = config.data.image_size, config.data.num_channels
     shape = (len(devices), args.batch // len(devices))
@@ -113,14 +115,17 @@ def run_jax(args) -> dict:
         "image": pixels,
         "label": np.zeros(shape, np.int32),
     }
+    if k > 1:
+        batch = train.stack_steps([batch] * k)  # k steps' batches in one call
     rng, metrics = jax.random.key(1), None
 
     def run_steps(n):
         nonlocal state, metrics
-        for _ in range(n):
+        for _ in range(n // k):
             state, metrics = p_train_step(state, batch, rng)
 
-    timing = measure(run_steps, lambda: jax.block_until_ready((state, metrics)), args.steps)
+    wait = lambda: jax.block_until_ready((state, metrics))  # noqa: E731
+    timing = measure(run_steps, wait, args.steps, per_call=k)
     stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
     return dict(
         device=f"{devices[0].platform} x{len(devices)}",
@@ -190,6 +195,7 @@ def run_side(python: str, side: str, args, spec=None) -> dict:
     """Runs one side in a fresh interpreter; its other stdout lines are passed through."""
     cmd = [python, __file__, "--side", side, "--config", args.config, "--dtype", args.dtype]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
+    cmd += ["--steps-per-dispatch", str(args.steps_per_dispatch)]
     cmd += ["--tiny"] * args.tiny + ["--torch-compile"] * args.torch_compile
     cmd += ["--spec", json.dumps(spec)] if spec else []
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -264,6 +270,13 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="global batch size")
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after two untimed")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--steps-per-dispatch",
+        type=int,
+        default=1,
+        help="JAX: steps per call (training.steps_per_dispatch); it must "
+        "divide --steps, and the first and second timings are of one call",
+    )
     parser.add_argument("--torch-python", default=".venv-tools/bin/python")
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--tiny", action="store_true", help="a small model, for smoke runs")
@@ -271,6 +284,8 @@ def main():
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps % args.steps_per_dispatch:
+        parser.error("--steps-per-dispatch must divide --steps")
 
     if args.side:
         result = run_jax(args) if args.side == "jax" else run_torch(args, args.spec)

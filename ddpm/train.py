@@ -149,14 +149,23 @@ def replicated(tree, devices=None):
     """`tree` laid out as the pmap'd step returns its state: replicated over `devices`.
 
     Feeding the step a state with the layout it returns makes it compile once; a state on
-    one device would make its second call compile again.
+    one device would make its second call compile again. The result is a copy, leaf by
+    leaf: the step donates its state, which must neither delete the caller's `tree` nor
+    hold one buffer twice (a new state's ema_params are its params).
     """
     mesh = jax.sharding.Mesh(np.asarray(devices or jax.local_devices()), ("batch",))
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=sharding)(tree)
 
 
-def make_train_step(config, model, diffusion, tx, devices=None):
-    """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics)."""
+def make_train_step(config, model, diffusion, tx, devices=None, steps=1):
+    """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics).
+
+    steps > 1: `steps` updates in one call (training.steps_per_dispatch), scanned inside the
+    compiled function, on batches [devices, steps, b, ...] (`stack_steps`); the same
+    updates as `steps` single calls, with the last update's metrics. The state is donated:
+    its buffers are reused for the new one, so the caller must not use it afterwards.
+    """
     step = functools.partial(
         train_step,
         model=model,
@@ -167,9 +176,22 @@ def make_train_step(config, model, diffusion, tx, devices=None):
         label_dropout=config.training.label_dropout,
         low_res_max_level=super_resolution.max_noise_level(config),
     )
+    if steps > 1:
+        single = step
+
+        def step(state, batches, rng):
+            state, metrics = jax.lax.scan(lambda s, b: single(s, b, rng), state, batches)
+            return state, jax.tree.map(lambda m: m[-1], metrics)
+
     return jax.pmap(
-        step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices
-    )
+        step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices,
+        donate_argnums=0,
+    )  # fmt: skip
+
+
+def stack_steps(batches: list[dict]) -> dict:
+    """Host batches of consecutive steps, each [devices, b, ...] -> [devices, steps, b, ...]."""
+    return {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
 
 
 class _Logger:
@@ -227,6 +249,20 @@ def check_finite(metrics, step, last_step):
         )
 
 
+def check_steps_per_dispatch(training: ml_collections.ConfigDict) -> None:
+    """ValueError unless every periodic event falls at the end of a dispatch."""
+    per_dispatch = training.steps_per_dispatch
+    if per_dispatch < 1:
+        raise ValueError(f"training.steps_per_dispatch={per_dispatch} must be at least 1")
+    for name in ("log_every", "checkpoint_every", "sample_every", "fid_every"):
+        if training[name] % per_dispatch:
+            raise ValueError(
+                f"training.{name}={training[name]} must be a multiple of "
+                f"training.steps_per_dispatch={per_dispatch}: the steps in between run in "
+                "one call, with nothing to log, save or sample between them"
+            )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> TrainState:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the final state.
 
@@ -243,6 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
             f"training.keep_every={keep_every} must be 0 or a multiple of "
             f"training.checkpoint_every={checkpoint_every} (only saved steps can be kept)"
         )
+    check_steps_per_dispatch(config.training)
     workdir = epath.Path(workdir)
     created = not workdir.exists()
     try:
@@ -321,6 +358,8 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
     start_step = int(state.step)
     state = replicated(state)
     p_train_step = make_train_step(config, model, diffusion, tx)
+    per_dispatch = config.training.steps_per_dispatch
+    p_train_steps = make_train_step(config, model, diffusion, tx, steps=per_dispatch)
     logger = _Logger(workdir, config.training.num_train_steps)
     preemption = checkpointing.PreemptionFlag()
     num_steps = config.training.num_train_steps
@@ -328,8 +367,17 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
     fid_every = config.training.fid_every
     logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
     try:
-        for step in range(start_step + 1, num_steps + 1):
-            state, metrics = p_train_step(state, next(train_iter), train_rng)
+        step = start_step
+        while step < num_steps:
+            # steps_per_dispatch steps per call from multiples of it; single steps up to
+            # the next multiple (a run resumed elsewhere) and past the last one.
+            if per_dispatch > 1 and step % per_dispatch == 0 and step + per_dispatch <= num_steps:
+                batches = stack_steps([next(train_iter) for _ in range(per_dispatch)])
+                state, metrics = p_train_steps(state, batches, train_rng)
+                step += per_dispatch
+            else:
+                state, metrics = p_train_step(state, next(train_iter), train_rng)
+                step += 1
             if step % config.training.log_every == 0 or step == num_steps:
                 metrics = {k: float(v) for k, v in metrics.items()}
                 check_finite(metrics, step, last_logged)

@@ -101,6 +101,65 @@ def test_same_update_on_one_two_and_eight_devices():
     assert max(jax.tree.leaves(moved)) > 1e-3  # the steps did change the parameters
 
 
+def test_steps_per_dispatch_scans_the_updates_of_single_steps():
+    """make_train_step(steps=2) on stacked batches: the states of two single calls (SGD,
+    as above, so rounding is not amplified), and the second step's metrics."""
+    config = tiny.tiny_config()
+    model, diffusion = factories.create_model(config), factories.create_diffusion(config)
+    tx = optax.sgd(0.5)
+    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    devices = jax.devices()[:2]
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": rng.integers(0, 256, (2, 8, 8, 8, 3), np.uint8),
+         "label": np.zeros((2, 8), np.int32)}
+        for _ in range(4)
+    ]  # fmt: skip
+    single, s = train.make_train_step(config, model, diffusion, tx, devices), None
+    s = train.replicated(state, devices)
+    for batch in batches:
+        s, metrics = single(s, batch, jax.random.key(1))
+    paired = train.make_train_step(config, model, diffusion, tx, devices, steps=2)
+    p = train.replicated(state, devices)
+    for first in (0, 2):
+        p, paired_metrics = paired(p, train.stack_steps(batches[first : first + 2]),
+                                   jax.random.key(1))  # fmt: skip
+    assert int(p.step) == 4
+    np.testing.assert_allclose(paired_metrics["loss"], metrics["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(p), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_steps_per_dispatch_keeps_the_loops_data_order_and_saves(tmp_path, monkeypatch):
+    """Two steps per call, resumed at an odd step and ending at one (single steps align
+    the start and finish the tail): bitwise the states of one step per call, from the same
+    batches in the same order, saved at the same steps. A stand-in step folds each batch
+    into the params exactly (integer sums, one rounding), so any reordering shows."""
+
+    def stand_in(state, batch, rng, **unused_kwargs):
+        pixels = jax.lax.psum(jnp.sum(batch["image"].astype(jnp.int32)), "batch")
+        mix = (pixels * (state.step + 1)).astype(jnp.float32)
+        params = jax.tree.map(lambda p: 0.5 * p + mix, state.params)
+        return state.replace(step=state.step + 1, params=params), {"loss": mix}
+
+    monkeypatch.setattr(train, "train_step", stand_in)
+    overrides = {"training.num_grid_samples": 0, "training.num_train_steps": 7}
+    with tfds.testing.mock_data(num_examples=64):
+        single = train.train_and_evaluate(tiny.tiny_config(overrides), str(tmp_path / "single"))
+        paired = tiny.tiny_config({**overrides, "training.steps_per_dispatch": 2})
+        paired.training.num_train_steps = 3  # stopped at step 3, then resumed to 7
+        train.train_and_evaluate(paired, str(tmp_path / "paired"))
+        paired.training.num_train_steps = 7
+        state = train.train_and_evaluate(paired, str(tmp_path / "paired"))
+    assert int(state.step) == 7
+    saved = checkpointing.Checkpointer(tmp_path / "paired").manager.all_steps()
+    assert sorted(saved) == [4, 6, 7]  # kept: the newest 3 of 2, 3, 4, 6, 7
+    for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeypatch):
     # Every step is a checkpoint step here, and the flag is up from the start. The loop's
     # saving is under test, not the step: a stand-in step only counts, so nothing compiles.
@@ -127,6 +186,8 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeyp
         ({"model.dtype": "float16"}, ValueError, "model.dtype"),
         ({"diffusion.var_type": "wide"}, ValueError, "unknown var_type 'wide'"),
         ({"diffusion.schedule": "cosin"}, ValueError, "unknown beta schedule 'cosin'"),
+        ({"training.steps_per_dispatch": 3}, ValueError,
+         "log_every=2 must be a multiple of training.steps_per_dispatch=3"),
     ],
 )  # fmt: skip
 def test_bad_configuration_fails_fast_with_one_message(tmp_path, update, error, message):
