@@ -2,7 +2,8 @@
 
 The levels are 28, 14 and 7 (ch_mult of three): two halvings, so no level has to halve an
 odd size, and self-attention runs at 7x7 (49 positions), where it is cheap. 1.1M
-parameters; on a 2-core CPU about 52 training images/s and 155 sampling forward passes/s.
+parameters; on a 2-core CPU about 117 training images/s (4 steps per call; 101 with one)
+and 155 sampling forward passes/s.
 What each choice bought is measured by benchmarks/mnist_quality.py (FID of 1,000
 samples against all 10,000 test digits after 10, 20 and 30 minutes of training):
   - 28x28, not 16x16: 16x16 digits score FID 46 against the 28x28 ones even when real;
@@ -30,6 +31,7 @@ def get_config():
     config.diffusion.min_snr_gamma = 5.0
     config.training.batch_size = 32
     config.training.num_train_steps = 4000
+    config.training.steps_per_dispatch = 4  # +15% images/s on a CPU, for 14 s more compile
     config.training.ema_decay = 0.999  # A short run: the paper's 0.9999 averages over too long.
     config.training.ema_warmup = True
     config.training.log_every = 100
