@@ -30,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import default  # noqa: E402
-from ddpm import evaluation, inpaint_job, masks  # noqa: E402
+from ddpm import evaluation, inpaint_job, masks, samplers, sampling  # noqa: E402
 from ddpm.metrics import classifier  # noqa: E402
 
 NUM_CLASSES = 10
@@ -95,8 +95,8 @@ def main():
     # Plain sampling with the same chain and batch, twice: compile, then the chain alone.
     model, params, _ = evaluation.load_ema_params(config, args.workdir)
     config.sampling.num_steps = args.num_steps
-    sampler = evaluation.make_sampler(config, model)
-    keys = evaluation.sample_keys(jax.random.key(0), np.arange(args.num_images))
+    sampler = sampling.make_sampler(config, model)
+    keys = samplers.sample_keys(jax.random.key(0), np.arange(args.num_images))
     _, first = timed(lambda: sampler(params, keys))
     _, second = timed(lambda: sampler(params, keys))
     plain = {"first_call_s_per_image": first / args.num_images,

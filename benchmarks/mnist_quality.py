@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
-from ddpm import checkpointing, evaluation, images  # noqa: E402
+from ddpm import checkpointing, evaluation, images, samplers, sampling  # noqa: E402
 from ddpm.metrics import fid  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -109,13 +109,13 @@ def train(config_overrides: list[str], run_dir: epath.Path, minutes: list[float]
 def evaluate(config, kept: dict, reference: tuple, extractor) -> dict:
     """Samples FLAGS.num_samples from a kept model; FID, sampling time, a grid."""
     model, params, step = evaluation.load_ema_params(config, kept["dir"])
-    sampler = evaluation.make_sampler(config, model)
+    sampler = sampling.make_sampler(config, model)
     rng = jax.random.fold_in(jax.random.key(config.seed), evaluation.SAMPLE_PURPOSE)
     batch = config.sampling.batch_size
     start, samples = time.monotonic(), []
     for first in range(0, FLAGS.num_samples, batch):
         indices = np.arange(first, min(first + batch, FLAGS.num_samples))
-        samples.append(sampler(params, evaluation.sample_keys(rng, indices)))
+        samples.append(sampler(params, samplers.sample_keys(rng, indices)))
     samples = np.concatenate(samples)
     sampling_s = time.monotonic() - start
     images.save_grid(samples[:100], epath.Path(f"{kept['dir']}.png"))

@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import ldm_text2im  # noqa: E402
-from ddpm import evaluation, text2image  # noqa: E402
+from ddpm import samplers, text2image  # noqa: E402
 from tests.tiny import tiny_text2image_config  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main():
         ids = tokenizer([config.sampling.prompt] * args.batch)
         seconds = []
         for batch in range(2):
-            keys = evaluation.sample_keys(jax.random.key(batch), np.arange(args.batch))
+            keys = samplers.sample_keys(jax.random.key(batch), np.arange(args.batch))
             start = time.perf_counter()
             jax.block_until_ready(sampler(params, keys, ids))
             seconds.append(time.perf_counter() - start)

@@ -13,7 +13,8 @@ The first step (JAX: compilation; torch: warm-up) and the second (JAX compiles a
 step returns the state with another sharding than it got) are timed on their own, then
 --steps steps as one window that ends by waiting for the device. The torch UNet2DModel is
 built from the same config and must have as many parameters as ours. --tiny shrinks the
-model for smoke runs.
+model for smoke runs. The JAX side takes what training runs from ddpm.factories and
+ddpm.updates, which import no TensorFlow (benchmarks/gpu.sh runs where there is none).
 """
 
 import argparse
@@ -93,7 +94,7 @@ def run_jax(args) -> dict:
     import jax
     import numpy as np
 
-    from ddpm import factories, train
+    from ddpm import factories, updates
 
     config = load_config(args.config, args.tiny, args.dtype)
     devices = jax.local_devices()
@@ -102,11 +103,11 @@ def run_jax(args) -> dict:
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = factories.create_optimizer(config.optim)
     state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
-    state = train.replicated(state, devices)  # as train_and_evaluate does: one compile
+    state = updates.replicated(state, devices)  # as train_and_evaluate does: one compile
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     print(f"jax: {params:,} parameters on {len(devices)} x {devices[0].device_kind}")
     k = args.steps_per_dispatch
-    p_train_step = train.make_train_step(config, model, diffusion, tx, devices, steps=k)
+    p_train_step = updates.make_train_step(config, model, diffusion, tx, devices, steps=k)
 
     size, channels = config.data.image_size, config.data.num_channels
     shape = (len(devices), args.batch // len(devices))
@@ -116,7 +117,7 @@ def run_jax(args) -> dict:
         "label": np.zeros(shape, np.int32),
     }
     if k > 1:
-        batch = train.stack_steps([batch] * k)  # k steps' batches in one call
+        batch = updates.stack_steps([batch] * k)  # k steps' batches in one call
     rng, metrics = jax.random.key(1), None
 
     def run_steps(n):
@@ -307,7 +308,8 @@ def main():
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
     report(results, args)
     if args.json:
-        settings = {k: getattr(args, k) for k in ("config", "batch", "steps", "dtype", "tiny")}
+        keys = ("config", "batch", "steps", "dtype", "steps_per_dispatch", "torch_compile", "tiny")
+        settings = {k: getattr(args, k) for k in keys}
         pathlib.Path(args.json).write_text(json.dumps({**settings, **results}, indent=2) + "\n")
 
 

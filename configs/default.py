@@ -76,9 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     # ~1 / (1 - ema_decay) of them; for short runs. False: ema_decay from the start (paper).
     training.ema_warmup = False
     # Training steps per call of the compiled step (scanned inside it, as score_sde's
-    # n_jitted_steps): fewer dispatches and host round trips for small models. The same
-    # updates as single steps; log_every, checkpoint_every, sample_every and fid_every
-    # must be multiples of it, and a preemption stops at the end of a call.
+    # n_jitted_steps): fewer dispatches and host round trips. The same updates as single
+    # steps; calls end at every log, checkpoint, grid and FID step (single steps lead up to
+    # those that are not K steps away), and a preemption stops at the end of a call.
     training.steps_per_dispatch = 1
     training.log_every = 100  # Console line and TensorBoard scalars.
     training.checkpoint_every = 10_000

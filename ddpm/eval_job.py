@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm import data_sources, evaluation, images, input_pipeline
+from ddpm import data_sources, evaluation, images, input_pipeline, samplers, sampling
 from ddpm import diffusion as D
 from ddpm.evaluation import BPD_PURPOSE, SAMPLE_PURPOSE
 from ddpm.factories import create_diffusion
@@ -32,8 +32,8 @@ TRAINING_FID_PURPOSE = 104  # fold_in purpose of the run's key (see evaluation's
 
 def check_inputs(config: ml_collections.ConfigDict) -> None:
     """The splits that the job will read exist and the sampling settings are valid."""
-    evaluation.sampling_diffusion(config)
-    evaluation.check_conditioning(config)
+    sampling.sampling_diffusion(config)
+    sampling.check_conditioning(config)
     fields = {"eval.bpd_split": config.eval.bpd_split}
     if config.eval.num_samples:
         fields["eval.split"] = config.eval.split
@@ -66,7 +66,7 @@ def make_bpd_fn(config, model, devices=None) -> Callable:
         # A stochastic estimate (one x_t per term): each device draws its own noise.
         rng = jax.random.fold_in(rng, jax.lax.axis_index("batch"))
         x_start = images.to_model_range(image)
-        return D.calc_bpd_loop(d, evaluation.denoiser(model, params), x_start, rng).total_bpd
+        return D.calc_bpd_loop(d, sampling.denoiser(model, params), x_start, rng).total_bpd
 
     return jax.pmap(bpd, axis_name="batch", in_axes=(None, 0, None), devices=devices)
 
@@ -119,11 +119,11 @@ def training_fid(config: ml_collections.ConfigDict, model, workdir) -> Callable:
         raise ValueError(f"training.fid_num_samples must be >= 2, got {c.fid_num_samples}")
     fid_config = copy.deepcopy(config)
     fid_config.sampling.update(method="ddim", num_steps=c.fid_num_steps, eta=0.0)
-    evaluation.sampling_diffusion(fid_config)  # checks fid_num_steps
+    sampling.sampling_diffusion(fid_config)  # checks fid_num_steps
     workdir = epath.Path(workdir)
     extractor = evaluation.FeatureExtractor(config.eval.inception_weights, workdir / "inception")
     reference = evaluation.reference_statistics(config, extractor, workdir)
-    sampler = evaluation.make_sampler(fid_config, model)
+    sampler = sampling.make_sampler(fid_config, model)
     rng = jax.random.fold_in(jax.random.key(config.seed), TRAINING_FID_PURPOSE)
 
     def compute(ema_params) -> float:
@@ -131,7 +131,7 @@ def training_fid(config: ml_collections.ConfigDict, model, workdir) -> Callable:
         for start in range(0, c.fid_num_samples, config.sampling.batch_size):
             index = np.arange(start, min(c.fid_num_samples, start + config.sampling.batch_size))
             labels = evaluation.labels_of(config, index)
-            samples = sampler(ema_params, evaluation.sample_keys(rng, index), labels)
+            samples = sampler(ema_params, samplers.sample_keys(rng, index), labels)
             stats.update(extractor(samples)[0])
         return fid.frechet_distance(*stats.mean_and_covariance(), *reference)
 
@@ -158,7 +158,7 @@ def fid_of_samples(config, model, params, extractor, reference, out_dir, scorer=
     """FID (and IS, class accuracy) of eval.num_samples EMA samples against `reference`."""
     stats, logits, predicted = fid.RunningStatistics(2048), [], []
     rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
-    sampler = evaluation.make_sampler(config, model)
+    sampler = sampling.make_sampler(config, model)
     num = config.eval.num_samples
     for chunk in evaluation.sample_chunks(config, sampler, params, rng, num, out_dir):
         features, chunk_logits = extractor(chunk)

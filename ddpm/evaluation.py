@@ -1,10 +1,10 @@
-"""Sampling (--mode=sample) and what evaluation shares: samplers, cached chunks, FID pieces.
+"""Sampling (--mode=sample) and what evaluation shares: cached chunks, names, FID pieces.
 
-Samples are drawn on all local devices of every host. Sample i of a run uses the key
-fold_in(key, i) alone, so the images for a given seed do not depend on the number of
-devices or hosts. Work is done in chunks that are written to disk as soon as they are
-done (samples, and bits/dim of each test batch), so an interrupted job resumes at the
-first unfinished chunk.
+Samples are drawn on all local devices of every host (the compiled sampler is built in
+sampling.py). Sample i of a run uses the key fold_in(key, i) alone, so the images for a
+given seed do not depend on the number of devices or hosts. Work is done in chunks that
+are written to disk as soon as they are done (samples, and bits/dim of each test batch),
+so an interrupted job resumes at the first unfinished chunk.
 """
 
 import hashlib
@@ -20,32 +20,21 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm import checkpointing, data_sources, guidance, images, input_pipeline, npz, samplers
-from ddpm import diffusion as D
-from ddpm.factories import create_diffusion, create_model, init_params
+from ddpm import (
+    checkpointing,
+    data_sources,
+    guidance,
+    images,
+    input_pipeline,
+    npz,
+    samplers,
+    sampling,
+)
+from ddpm.factories import create_model, init_params
 from ddpm.metrics import classifier, fid, inception
 
 # fold_in purposes of the run's key, kept apart from training's.
 SAMPLE_PURPOSE, BPD_PURPOSE = 101, 102
-
-
-def denoiser(model, params, labels=None) -> D.DenoiseFn:
-    """The network in eval mode (no dropout) as a denoise_fn (x_t, t) -> output.
-
-    A class-conditional network is told `labels` [B] (None: the null label).
-    """
-    return lambda x, t: model.apply({"params": params}, x, t, labels, train=False)
-
-
-def guided_denoiser(model, params, labels, guidance_scale, mean_channels) -> D.DenoiseFn:
-    """The class-conditional network in eval mode with classifier-free guidance of weight w."""
-    return guidance.guided_denoiser(
-        lambda x, t, y: model.apply({"params": params}, x, t, y, train=False),
-        labels,
-        jnp.full_like(labels, model.num_classes),
-        guidance_scale,
-        mean_channels=mean_channels,
-    )
 
 
 def labels_of(config, indices) -> np.ndarray | None:
@@ -53,41 +42,6 @@ def labels_of(config, indices) -> np.ndarray | None:
     if not config.model.num_classes:
         return None
     return guidance.sample_labels(config.sampling.labels, config.model.num_classes, indices)
-
-
-def check_conditioning(config) -> None:
-    """Guidance settings that the model cannot take: a clear error before anything compiles."""
-    c = config.sampling
-    if config.model.num_classes:
-        guidance.parse_labels(c.labels, config.model.num_classes)
-        return
-    if c.guidance_scale:
-        raise ValueError(
-            f"sampling.guidance_scale={c.guidance_scale} needs a class-conditional model "
-            "(model.num_classes > 0)"
-        )
-    if str(c.labels).strip():
-        raise ValueError(
-            f"sampling.labels={c.labels!r} needs a class-conditional model (model.num_classes > 0)"
-        )
-
-
-def sampling_diffusion(config, num_steps_field: str = "sampling.num_steps") -> D.Diffusion:
-    """The diffusion the sampler walks: all T steps, or a respaced subset of them.
-
-    The chain's length is the config field `num_steps_field` (0 means all T).
-    """
-    c, T = config.sampling, config.diffusion.num_timesteps
-    section, field = num_steps_field.split(".")
-    num_steps = config[section][field] or T
-    if not 1 <= num_steps <= T:
-        raise ValueError(f"{num_steps_field} must be in [1, {T}] (or 0 for all), got {num_steps}")
-    if c.method == "ddim":
-        return create_diffusion(config, use_timesteps=samplers.ddim_timesteps(T, num_steps))
-    if c.method == "ddpm":
-        steps = None if num_steps == T else D.space_timesteps(T, [num_steps])
-        return create_diffusion(config, use_timesteps=steps)
-    raise ValueError(f"sampling.method must be 'ddpm' or 'ddim', got {c.method!r}")
 
 
 def sampler_name(config) -> str:
@@ -101,72 +55,6 @@ def sampler_name(config) -> str:
         labels = "labels" + labels.replace(",", "-") if labels else "balanced"
         name += f"_w{float(c.guidance_scale)}_{labels}"
     return name
-
-
-def over_devices(fn: Callable, num_replicated: int, devices=None) -> Callable:
-    """fn pmapped over devices; the result takes per-example arrays [n, ...] of any n.
-
-    The first `num_replicated` arguments go to every device whole; the others are split
-    over the devices along their first axis, after padding n to a multiple of the device
-    count by repeating examples. Work is per example, so padding and dropping the extras
-    leaves the real results unchanged. Returns fn's output [n, ...].
-    """
-    devices = devices or jax.local_devices()
-    mapped = None
-
-    def run(*args):
-        nonlocal mapped
-        if mapped is None:
-            in_axes = (None,) * num_replicated + (0,) * (len(args) - num_replicated)
-            mapped = jax.pmap(fn, in_axes=in_axes, devices=devices)
-        per_example = args[num_replicated:]
-        n = len(per_example[0])
-        index = np.arange(n + -n % len(devices)) % n
-        split = [a[index].reshape(len(devices), -1, *a.shape[1:]) for a in per_example]
-        out = mapped(*args[:num_replicated], *split)
-        return out.reshape(-1, *out.shape[2:])[:n]
-
-    return run
-
-
-def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Callable:
-    """(params, keys [N], labels [N] | None, guidance_scale=None) -> uint8 [N, H, W, C].
-
-    N is spread over the local devices. A class-conditional model samples `labels` (None:
-    the null label) with classifier-free guidance of weight `guidance_scale` (default
-    sampling.guidance_scale), a traced value: another w reuses the compiled chain.
-    """
-    check_conditioning(config)
-    d = sampling_diffusion(config)
-    shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    clip = config.sampling.clip_denoised
-
-    def sample(params, guidance_scale, keys, labels):
-        if model.num_classes:
-            denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1])
-        else:
-            denoise_fn = denoiser(model, params)
-        method, eta = config.sampling.method, config.sampling.eta
-        return samplers.sample(d, denoise_fn, keys, shape, method, eta=eta, clip_denoised=clip)
-
-    mapped = over_devices(sample, num_replicated=2, devices=devices)
-
-    def run(params, keys, labels=None, guidance_scale=None):
-        if labels is not None and not model.num_classes:
-            raise ValueError("labels given, but the model is unconditional (model.num_classes=0)")
-        if guidance_scale is None:
-            guidance_scale = config.sampling.guidance_scale
-        if labels is None:
-            labels = np.full(len(keys), model.num_classes or 0, np.int32)
-        out = mapped(params, np.float32(guidance_scale), keys, np.asarray(labels, np.int32))
-        return images.to_uint8(out)
-
-    return run
-
-
-def sample_keys(rng, indices) -> jax.Array:
-    """One key per global index [n]: fold_in(rng, index), independent of device layout."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
 
 
 def settings_digest(settings: dict) -> str:
@@ -245,7 +133,7 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
     """Yields uint8 samples [chunk, H, W, C] for indices 0..num_samples-1, chunk by chunk."""
 
     def draw(mine):
-        return sampler(params, sample_keys(rng, mine), labels_of(config, mine))
+        return sampler(params, samplers.sample_keys(rng, mine), labels_of(config, mine))
 
     return chunks(config, draw, num_samples, out_dir)
 
@@ -274,7 +162,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     name = f"samples_step{step}_{sampler_name(config)}_seed{config.seed}_{digest}"
     out_dir = workdir / name
     rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
-    sampler = make_sampler(config, model)
+    sampler = sampling.make_sampler(config, model)
     samples = np.concatenate(
         list(sample_chunks(config, sampler, params, rng, c.num_samples, out_dir / "chunks"))
     )

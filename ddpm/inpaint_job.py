@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm import evaluation, images, inpainting, input_pipeline, masks, npz, samplers
+from ddpm import evaluation, images, inpainting, input_pipeline, masks, npz, samplers, sampling
 
 INPAINT_PURPOSE = 103  # fold_in purpose of the run's key (see evaluation's purposes)
 GRID_IMAGES, GRID_TRIPLETS_PER_ROW = 32, 4
@@ -28,7 +28,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[int]:
     c = config.inpaint
     if c.num_images < 1:
         raise ValueError(f"inpaint.num_images must be >= 1, got {c.num_images}")
-    evaluation.sampling_diffusion(config, "inpaint.num_steps")  # checks method and steps
+    sampling.sampling_diffusion(config, "inpaint.num_steps")  # checks method and steps
     if c.source and not epath.Path(c.source).is_dir():
         raise ValueError(f"inpaint.source={c.source!r} is not a folder of images")
     if c.mask not in masks.KINDS and not epath.Path(c.mask).is_dir():
@@ -38,18 +38,18 @@ def check_config(config: ml_collections.ConfigDict) -> list[int]:
 
 def make_inpainter(config, model, times, devices=None):
     """(params, keys [N], images uint8 [N, H, W, C], masks [N, H, W, 1]) -> uint8 results."""
-    d = evaluation.sampling_diffusion(config, "inpaint.num_steps")
+    d = sampling.sampling_diffusion(config, "inpaint.num_steps")
     c = config.sampling
 
     def fill(params, keys, originals, mask):
-        denoise_fn = evaluation.denoiser(model, params)
+        denoise_fn = sampling.denoiser(model, params)
         step = samplers.reverse_step(
             d, denoise_fn, c.method, eta=c.eta, clip_denoised=c.clip_denoised
         )
         x0 = images.to_model_range(originals)
         return inpainting.inpaint(d, step, keys, x0, mask, times)
 
-    mapped = evaluation.over_devices(fill, num_replicated=1, devices=devices)
+    mapped = sampling.over_devices(fill, num_replicated=1, devices=devices)
     return lambda params, keys, originals, mask: images.to_uint8(
         mapped(params, keys, originals, mask)
     )
@@ -118,7 +118,7 @@ def inpaint(config: ml_collections.ConfigDict, workdir) -> dict:
     rng = jax.random.fold_in(jax.random.key(config.seed), INPAINT_PURPOSE)
 
     def draw(mine):
-        return inpainter(params, evaluation.sample_keys(rng, mine), originals[mine], mask[mine])
+        return inpainter(params, samplers.sample_keys(rng, mine), originals[mine], mask[mine])
 
     results = np.concatenate(
         list(evaluation.chunks(config, draw, len(originals), out_dir / "chunks", "inpainting"))

@@ -4,7 +4,9 @@ Randomness is per example: sample i draws all of its noise from its own key, so 
 sample does not depend on the batch it was drawn in, nor on the number of devices.
 The rule, shared by every sampler: the starting noise of sample i is
 N(0, I) from fold_in(keys[i], T) (T = d.num_timesteps), and the noise of step t
-(0-based, of `d`'s own steps) is N(0, I) from fold_in(keys[i], t).
+(0-based, of `d`'s own steps) is N(0, I) from fold_in(keys[i], t). `sample_keys` gives
+sample i of a run its key, fold_in(rng, i); a train step draws each example's t, noise
+and dropout the same way, from its global index.
 
 Every sampler walks the steps of the diffusion it is given: pass one created with
 `create_diffusion(..., use_timesteps=ddim_timesteps(T, S))` to sample in S steps.
@@ -20,6 +22,11 @@ from ddpm import diffusion as D
 
 # (x_t [B, ...], t [B], noise [B, ...]) -> (x_{t-1}, predicted x_0): one reverse step.
 StepFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def sample_keys(rng, indices) -> jax.Array:
+    """One key per global index [n]: fold_in(rng, index), independent of device layout."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
 
 
 def normal_per_example(keys, shape, data):

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from ddpm import checkpointing, evaluation, guidance, images, npz, samplers
+from ddpm import checkpointing, evaluation, guidance, images, npz, samplers, sampling
 from ddpm.convert_ldm import load_pipeline
 from ddpm.factories import Text2ImageModels, create_text2image_models
 from ddpm.models.autoencoder import AutoencoderKL
@@ -88,7 +88,7 @@ def make_sampler(config, models: Text2ImageModels, tokenizer: PromptTokenizer, d
     to sampling.guidance_scale and is traced (another w reuses the compiled chain).
     """
     c = config.sampling
-    d = evaluation.sampling_diffusion(config)
+    d = sampling.sampling_diffusion(config)
     shape = latent_shape(config)
     scale = config.autoencoder.scaling_factor
 
@@ -109,7 +109,7 @@ def make_sampler(config, models: Text2ImageModels, tokenizer: PromptTokenizer, d
             {"params": params["autoencoder"]}, z0 / scale, method=AutoencoderKL.decode
         )
 
-    mapped = evaluation.over_devices(draw, num_replicated=3, devices=devices)
+    mapped = sampling.over_devices(draw, num_replicated=3, devices=devices)
     start_noise = jax.jit(lambda keys: samplers.start_noise(d, keys, shape))
     null_ids = tokenizer([""])  # the unconditional input: the empty prompt
 
@@ -252,7 +252,7 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     sampler = make_sampler(config, models, tokenizer)
 
     def draw(indices):
-        keys = evaluation.sample_keys(rng, indices)
+        keys = samplers.sample_keys(rng, indices)
         return images.to_uint8(sampler(params, keys, ids[indices % len(prompts)]))
 
     num = config.sampling.num_samples

@@ -21,7 +21,16 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from ddpm import data_sources, evaluation, images, input_pipeline, npz, samplers, super_resolution
+from ddpm import (
+    data_sources,
+    evaluation,
+    images,
+    input_pipeline,
+    npz,
+    samplers,
+    sampling,
+    super_resolution,
+)
 from ddpm.factories import create_diffusion
 
 UPSAMPLE_PURPOSE = 105  # fold_in purpose of the run's key (see evaluation's purposes)
@@ -41,7 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"upsample.num_images must be >= 1, got {c.num_images}")
     if c.samples_per_image < 1:
         raise ValueError(f"upsample.samples_per_image must be >= 1, got {c.samples_per_image}")
-    evaluation.sampling_diffusion(config)  # checks sampling.method and num_steps
+    sampling.sampling_diffusion(config)  # checks sampling.method and num_steps
     if c.source and not epath.Path(c.source).is_dir():
         raise ValueError(f"upsample.source={c.source!r} is not a folder of images")
     level, num_timesteps = c.low_res_noise_level, config.diffusion.num_timesteps
@@ -108,7 +117,7 @@ def source_inputs(config: ml_collections.ConfigDict) -> Inputs:
 
 def make_upsampler(config: ml_collections.ConfigDict, model, devices=None):
     """(params, keys [N], low_res uint8 [N, s, s, C]) -> uint8 results [N, S, S, C]."""
-    d = evaluation.sampling_diffusion(config)
+    d = sampling.sampling_diffusion(config)
     full = create_diffusion(config)  # the augmentation noise uses the unrespaced schedule
     c, level = config.sampling, config.upsample.low_res_noise_level
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
@@ -120,7 +129,7 @@ def make_upsampler(config: ml_collections.ConfigDict, model, devices=None):
             d, denoise_fn, keys, shape, c.method, eta=c.eta, clip_denoised=c.clip_denoised
         )
 
-    mapped = evaluation.over_devices(upsample, num_replicated=1, devices=devices)
+    mapped = sampling.over_devices(upsample, num_replicated=1, devices=devices)
     return lambda params, keys, low_res: images.to_uint8(mapped(params, keys, low_res))
 
 
@@ -170,9 +179,7 @@ def upsample(config: ml_collections.ConfigDict, workdir) -> dict:
     num = len(inputs.low_res) * per_image
 
     def draw(mine):
-        return upsampler(
-            params, evaluation.sample_keys(rng, mine), inputs.low_res[mine // per_image]
-        )
+        return upsampler(params, samplers.sample_keys(rng, mine), inputs.low_res[mine // per_image])
 
     chunks = evaluation.chunks(config, draw, num, out_dir / "chunks", "upsampling")
     results = np.concatenate(list(chunks))

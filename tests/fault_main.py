@@ -22,7 +22,7 @@ from absl import app
 from orbax.checkpoint._src.path import atomicity
 
 import main
-from ddpm import evaluation, train
+from ddpm import sampling, train, updates
 
 PHASE, STEP = os.environ["DDPM_FAULT"].split(":")
 STEP = int(STEP)
@@ -37,7 +37,7 @@ def fire(sig, phase=PHASE):
 
 
 def patch_step():
-    make = train.make_train_step
+    make = updates.make_train_step
 
     def make_faulty(*args, **kwargs):
         step_fn = make(*args, **kwargs)
@@ -53,11 +53,11 @@ def patch_step():
 
         return faulty
 
-    train.make_train_step = make_faulty
+    updates.make_train_step = make_faulty
 
 
 def patch_grid():
-    make = evaluation.make_sampler
+    make = sampling.make_sampler
 
     def make_faulty(*args, **kwargs):
         sampler = make(*args, **kwargs)
@@ -78,7 +78,7 @@ def patch_grid():
         sampler.step = step
         return write(config, sampler, state, rng, step, *rest)
 
-    evaluation.make_sampler = make_faulty
+    sampling.make_sampler = make_faulty
     train.write_sample_grid = write_faulty
 
 

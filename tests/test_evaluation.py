@@ -11,7 +11,16 @@ import tensorflow_datasets as tfds
 import tiny
 from PIL import Image
 
-from ddpm import data_sources, eval_job, evaluation, factories, images, input_pipeline
+from ddpm import (
+    data_sources,
+    eval_job,
+    evaluation,
+    factories,
+    images,
+    input_pipeline,
+    samplers,
+    sampling,
+)
 from ddpm import diffusion as D
 
 
@@ -53,9 +62,9 @@ def test_sample_mode_writes_npz_and_grid_and_resumes(workdir):
 def test_samples_do_not_depend_on_the_device_count(workdir):
     config = tiny_config()
     model, params, _ = evaluation.load_ema_params(config, workdir)
-    keys = evaluation.sample_keys(jax.random.key(3), np.arange(8))
-    one = evaluation.make_sampler(config, model, devices=jax.devices()[:1])(params, keys)
-    on_eight = evaluation.make_sampler(config, model, devices=jax.devices())
+    keys = samplers.sample_keys(jax.random.key(3), np.arange(8))
+    one = sampling.make_sampler(config, model, devices=jax.devices()[:1])(params, keys)
+    on_eight = sampling.make_sampler(config, model, devices=jax.devices())
     eight = on_eight(params, keys)
     # uint8 after rounding: a float32 difference in batched convolutions can at most move
     # a value across a rounding boundary, by one level.
@@ -103,16 +112,16 @@ def test_bad_sampling_settings_raise():
     config = tiny_config()
     config.sampling.num_steps = 11
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, 10\] \(or 0 for all\)"):
-        evaluation.sampling_diffusion(config)
+        sampling.sampling_diffusion(config)
     config.sampling.update(num_steps=10, method="euler")
     with pytest.raises(ValueError, match="'ddpm' or 'ddim'"):
-        evaluation.sampling_diffusion(config)
+        sampling.sampling_diffusion(config)
 
 
 def test_respaced_ddpm_sampler_walks_the_kept_steps():
     config = tiny_config()
     config.sampling.num_steps = 5
-    d = evaluation.sampling_diffusion(config)
+    d = sampling.sampling_diffusion(config)
     np.testing.assert_array_equal(d.timestep_map, D.space_timesteps(10, [5]))
     full = factories.create_diffusion(config)
     np.testing.assert_allclose(d.alphas_cumprod, full.alphas_cumprod[d.timestep_map], rtol=1e-6)
@@ -219,9 +228,9 @@ def test_feature_extractor_calls_inception_in_chunks_of_one_shape(monkeypatch, n
     gray = np.random.default_rng(1).integers(0, 256, (n, 6, 6, 1), np.uint8)
     features, got_logits = evaluation.FeatureExtractor("", None)(gray)
     want = (np.repeat(gray, 3, axis=-1).reshape(n, -1) / 255.0) @ projection
-    np.testing.assert_allclose(features, want, rtol=1e-12)
+    np.testing.assert_allclose(features, want, rtol=1e-12, atol=1e-12)
     if logits:
-        np.testing.assert_allclose(got_logits, want[:, :1008], rtol=1e-12)
+        np.testing.assert_allclose(got_logits, want[:, :1008], rtol=1e-12, atol=1e-12)
     else:
         assert got_logits is None
     size = min(n, evaluation.INCEPTION_BATCH)

@@ -12,7 +12,7 @@ import tiny
 from PIL import Image
 
 from ddpm import diffusion as D
-from ddpm import evaluation, factories, guidance, images, samplers, train
+from ddpm import evaluation, factories, guidance, images, samplers, sampling, train, updates
 
 NUM_CLASSES = 3
 
@@ -45,7 +45,7 @@ def test_guided_output_is_the_formula_of_two_separate_calls(var_type, w):
     config = cond_config(**{"diffusion.var_type": var_type})
     model, params = random_params(config)
     x, t, y = inputs()
-    guided = evaluation.guided_denoiser(model, params, y, w, mean_channels=3)(x, t)
+    guided = sampling.guided_denoiser(model, params, y, w, mean_channels=3)(x, t)
     cond = np.asarray(model.apply({"params": params}, x, t, y, train=False), np.float64)
     null = jnp.full_like(y, NUM_CLASSES)
     uncond = np.asarray(model.apply({"params": params}, x, t, null, train=False), np.float64)
@@ -71,9 +71,9 @@ def test_guidance_of_any_parameterisation_guides_the_implied_eps(mean_type):
         out = D.p_mean_variance(d, D.model_output(d, denoise_fn, x, t), x, t, clip_denoised=False)
         return np.asarray(D.predict_eps_from_xstart(d, x, t, out.pred_xstart), np.float64)
 
-    guided = implied_eps(evaluation.guided_denoiser(model, params, y, w, mean_channels=3))
-    cond = implied_eps(evaluation.denoiser(model, params, y))
-    uncond = implied_eps(evaluation.denoiser(model, params, jnp.full_like(y, NUM_CLASSES)))
+    guided = implied_eps(sampling.guided_denoiser(model, params, y, w, mean_channels=3))
+    cond = implied_eps(sampling.denoiser(model, params, y))
+    uncond = implied_eps(sampling.denoiser(model, params, jnp.full_like(y, NUM_CLASSES)))
     expected = (1 + w) * cond - w * uncond
     err = np.max(np.abs(guided - expected)) / np.max(np.abs(expected))
     print(f"{mean_type}: implied eps vs (1+w) eps_y - w eps_null: {err:.2e}")
@@ -84,12 +84,12 @@ def test_guidance_of_any_parameterisation_guides_the_implied_eps(mean_type):
 def test_w_zero_is_exactly_the_conditional_model(method):
     config = cond_config(**{"sampling.method": method})
     model, params = random_params(config)
-    keys = evaluation.sample_keys(jax.random.key(3), np.arange(8))
+    keys = samplers.sample_keys(jax.random.key(3), np.arange(8))
     labels = np.arange(8, dtype=np.int32) % NUM_CLASSES
-    sampler = evaluation.make_sampler(config, model, devices=jax.devices()[:1])
+    sampler = sampling.make_sampler(config, model, devices=jax.devices()[:1])
     got = sampler(params, keys, labels, guidance_scale=0.0)
-    d = evaluation.sampling_diffusion(config)
-    denoise_fn = evaluation.denoiser(model, params, jnp.asarray(labels))
+    d = sampling.sampling_diffusion(config)
+    denoise_fn = sampling.denoiser(model, params, jnp.asarray(labels))
     run = samplers.ddim_sample if method == "ddim" else samplers.ddpm_sample
     direct = jax.jit(lambda k: run(d, denoise_fn, k, (8, 8, 3)))(keys)
     np.testing.assert_array_equal(got, images.to_uint8(direct))
@@ -99,10 +99,10 @@ def test_w_zero_is_exactly_the_conditional_model(method):
 def test_guided_sampler_on_eight_devices_equals_one(capsys):
     config = cond_config()
     model, params = random_params(config)
-    keys = evaluation.sample_keys(jax.random.key(4), np.arange(16))
+    keys = samplers.sample_keys(jax.random.key(4), np.arange(16))
     labels = np.full(16, 1, np.int32)
-    one = evaluation.make_sampler(config, model, devices=jax.devices()[:1])(params, keys, labels)
-    eight = evaluation.make_sampler(config, model, devices=jax.devices())(params, keys, labels)
+    one = sampling.make_sampler(config, model, devices=jax.devices()[:1])(params, keys, labels)
+    eight = sampling.make_sampler(config, model, devices=jax.devices())(params, keys, labels)
     with capsys.disabled():
         print(f"\nguided, 1 vs 8 devices: {np.mean(one != eight):.4f} of uint8 values differ")
     np.testing.assert_array_equal(one, eight)
@@ -114,8 +114,8 @@ def test_changing_w_does_not_recompile(monkeypatch):
     monkeypatch.setattr(samplers, "ddim_sample", lambda *a, **k: traces.append(1) or real(*a, **k))
     config = cond_config()
     model, params = random_params(config)
-    sampler = evaluation.make_sampler(config, model, devices=jax.devices()[:1])
-    keys = evaluation.sample_keys(jax.random.key(0), np.arange(2))
+    sampler = sampling.make_sampler(config, model, devices=jax.devices()[:1])
+    keys = samplers.sample_keys(jax.random.key(0), np.arange(2))
     outs = [sampler(params, keys, np.array([0, 1]), guidance_scale=w) for w in (0.0, 0.5, 4.0)]
     assert len(traces) == 1
     assert not np.array_equal(outs[1], outs[2])
@@ -137,9 +137,9 @@ def test_guidance_settings_an_unconditional_model_cannot_take():
     for field, value in (("guidance_scale", 1.0), ("labels", "3")):
         config = tiny.tiny_config({f"sampling.{field}": value})
         with pytest.raises(ValueError, match="needs a class-conditional model"):
-            evaluation.make_sampler(config, factories.create_model(config))
+            sampling.make_sampler(config, factories.create_model(config))
     with pytest.raises(ValueError, match="class 5 is not in"):
-        evaluation.check_conditioning(cond_config(**{"sampling.labels": "5"}))
+        sampling.check_conditioning(cond_config(**{"sampling.labels": "5"}))
 
 
 def test_sampler_names_key_the_guidance_settings():
@@ -155,12 +155,12 @@ def test_label_dropout_rate_and_independence_of_the_split():
     labels = jnp.zeros(20_000, jnp.int32)
     index = jnp.arange(20_000)
     rng = jax.random.key(5)
-    dropped = train.drop_labels(labels, rng, index, rate=0.1, null_label=NUM_CLASSES)
+    dropped = updates.drop_labels(labels, rng, index, rate=0.1, null_label=NUM_CLASSES)
     rate = float(jnp.mean(dropped == NUM_CLASSES))
     assert set(np.unique(dropped)) == {0, NUM_CLASSES}
     assert abs(rate - 0.1) < 5 * np.sqrt(0.1 * 0.9 / 20_000), rate  # 5 binomial std errors
     # Any slice of the batch draws the same choices for its examples.
-    part = train.drop_labels(labels[500:600], rng, index[500:600], rate=0.1, null_label=3)
+    part = updates.drop_labels(labels[500:600], rng, index[500:600], rate=0.1, null_label=3)
     np.testing.assert_array_equal(part, dropped[500:600])
 
 
@@ -168,8 +168,8 @@ def _two_steps(config, labels):
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
     state = factories.create_train_state(config, model, tx, jax.random.key(0))
-    step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:2])
-    state = train.replicated(state, jax.devices()[:2])
+    step_fn = updates.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:2])
+    state = updates.replicated(state, jax.devices()[:2])
     image = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 8, 3), np.uint8)
     for _ in range(2):
         state, _ = step_fn(state, {"image": image, "label": labels}, jax.random.key(1))
@@ -212,7 +212,7 @@ def test_grid_has_one_row_per_class():
 def test_conditional_configs_describe_a_guided_model(name):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config.model.num_classes == 10 and config.training.label_dropout == 0.1
-    evaluation.check_conditioning(config)
+    sampling.check_conditioning(config)
     assert train.grid_labels(config.training.num_grid_samples, 10)[1] * 10 == (
         config.training.num_grid_samples
     )

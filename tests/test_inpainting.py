@@ -269,7 +269,7 @@ def test_inpainting_does_not_depend_on_the_device_count(run):
     model, params, _ = inpaint_job.evaluation.load_ema_params(config, run / "workdir")
     _, originals, _ = inpaint_job.source_images(config)
     mask = masks.make_masks("strokes", np.arange(10), 8)
-    keys = inpaint_job.evaluation.sample_keys(jax.random.key(0), np.arange(10))
+    keys = samplers.sample_keys(jax.random.key(0), np.arange(10))
     times = inpaint_job.check_config(config)
     one = inpaint_job.make_inpainter(config, model, times, jax.devices()[:1])
     eight = inpaint_job.make_inpainter(config, model, times, jax.devices())

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 import tiny
 from PIL import Image
 
-from ddpm import evaluation, factories, input_pipeline, sr_eval_job, train, upsample_job
+from ddpm import evaluation, factories, input_pipeline, sr_eval_job, updates, upsample_job
 from ddpm.metrics import sr
 
 # TINY (8x8) as super-resolution from 4x4, with noise-conditioning augmentation up to T/2;
@@ -157,8 +157,8 @@ def test_sr_training_is_the_same_on_one_and_eight_devices_and_after_resuming():
             config.data, global_batch_size=16, seed=0, start_step=start_step,
             local_device_count=devices,
         )  # fmt: skip
-        step_fn = train.make_train_step(config, model, diffusion, tx, jax.devices()[:devices])
-        s = train.replicated(start_state, jax.devices()[:devices])
+        step_fn = updates.make_train_step(config, model, diffusion, tx, jax.devices()[:devices])
+        s = updates.replicated(start_state, jax.devices()[:devices])
         for _ in range(num_steps):
             s, metrics = step_fn(s, next(batches), jax.random.key(1))
         return s, metrics

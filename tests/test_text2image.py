@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm import text2image
+from ddpm import samplers, text2image
 from tests.tiny import tiny_text2image_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -99,7 +99,7 @@ def test_sample_mode_writes_prompts_and_images_and_resumes(converted, tmp_path):
     assert (out_dir / "grid.png").exists()
 
     rng = jax.random.fold_in(jax.random.key(config.seed), text2image.evaluation.SAMPLE_PURPOSE)
-    keys = text2image.evaluation.sample_keys(rng, np.arange(3))
+    keys = samplers.sample_keys(rng, np.arange(3))
     direct = sampler(params, keys, tokenizer([prompts[0], prompts[1], prompts[0]]))
     direct_uint8 = text2image.images.to_uint8(direct)
     assert np.mean(direct_uint8 != samples) < 0.01  # at most a rounding level apart

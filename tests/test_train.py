@@ -1,6 +1,9 @@
 """Training end to end on 8 fake CPU devices: outputs, data parallelism, errors (resume after
 crashes and damaged checkpoints: test_resume.py)."""
 
+import pathlib
+import subprocess
+import sys
 import time
 
 import jax
@@ -14,7 +17,7 @@ import tiny
 from PIL import Image
 
 from configs import default
-from ddpm import checkpointing, factories, train
+from ddpm import checkpointing, factories, train, updates
 
 
 def image_folder(path, n=40, size=12):
@@ -78,8 +81,8 @@ def test_same_update_on_one_two_and_eight_devices():
     ]
     results = {}
     for n in (1, 2, 8):
-        step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:n])
-        s = train.replicated(state, jax.devices()[:n])
+        step_fn = updates.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:n])
+        s = updates.replicated(state, jax.devices()[:n])
         for batch in batches:
             split = {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()}
             s, metrics = step_fn(s, split, jax.random.key(1))
@@ -91,8 +94,8 @@ def test_same_update_on_one_two_and_eight_devices():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # Dropout is on: the same steps without it land elsewhere.
     plain_model = factories.create_model(tiny.tiny_config())
-    plain = train.make_train_step(config, plain_model, diffusion, tx, devices=jax.devices()[:1])
-    p = train.replicated(state, jax.devices()[:1])
+    plain = updates.make_train_step(config, plain_model, diffusion, tx, devices=jax.devices()[:1])
+    p = updates.replicated(state, jax.devices()[:1])
     for batch in batches:
         p, _ = plain(p, {k: v[None] for k, v in batch.items()}, jax.random.key(1))
     gap = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), p.params, s1.params)
@@ -115,14 +118,14 @@ def test_steps_per_dispatch_scans_the_updates_of_single_steps():
          "label": np.zeros((2, 8), np.int32)}
         for _ in range(4)
     ]  # fmt: skip
-    single, s = train.make_train_step(config, model, diffusion, tx, devices), None
-    s = train.replicated(state, devices)
+    single, s = updates.make_train_step(config, model, diffusion, tx, devices), None
+    s = updates.replicated(state, devices)
     for batch in batches:
         s, metrics = single(s, batch, jax.random.key(1))
-    paired = train.make_train_step(config, model, diffusion, tx, devices, steps=2)
-    p = train.replicated(state, devices)
+    paired = updates.make_train_step(config, model, diffusion, tx, devices, steps=2)
+    p = updates.replicated(state, devices)
     for first in (0, 2):
-        p, paired_metrics = paired(p, train.stack_steps(batches[first : first + 2]),
+        p, paired_metrics = paired(p, updates.stack_steps(batches[first : first + 2]),
                                    jax.random.key(1))  # fmt: skip
     assert int(p.step) == 4
     np.testing.assert_allclose(paired_metrics["loss"], metrics["loss"], rtol=1e-5)
@@ -133,10 +136,11 @@ def test_steps_per_dispatch_scans_the_updates_of_single_steps():
 
 
 def test_steps_per_dispatch_keeps_the_loops_data_order_and_saves(tmp_path, monkeypatch):
-    """Two steps per call, resumed at an odd step and ending at one (single steps align
-    the start and finish the tail): bitwise the states of one step per call, from the same
-    batches in the same order, saved at the same steps. A stand-in step folds each batch
-    into the params exactly (integer sums, one rounding), so any reordering shows."""
+    """Two steps per call with saves every 3 steps, resumed at step 3 and ending at 7
+    (single steps lead up to the saves and the end): bitwise the states of one step per
+    call, from the same batches in the same order, saved at the same steps. A stand-in
+    step folds each batch into the params exactly (integer sums, one rounding), so any
+    reordering shows."""
 
     def stand_in(state, batch, rng, **unused_kwargs):
         pixels = jax.lax.psum(jnp.sum(batch["image"].astype(jnp.int32)), "batch")
@@ -144,10 +148,20 @@ def test_steps_per_dispatch_keeps_the_loops_data_order_and_saves(tmp_path, monke
         params = jax.tree.map(lambda p: 0.5 * p + mix, state.params)
         return state.replace(step=state.step + 1, params=params), {"loss": mix}
 
-    monkeypatch.setattr(train, "train_step", stand_in)
-    overrides = {"training.num_grid_samples": 0, "training.num_train_steps": 7}
+    monkeypatch.setattr(updates, "train_step", stand_in)
+    overrides = {"training.num_grid_samples": 0, "training.num_train_steps": 7,
+                 "training.checkpoint_every": 3}  # fmt: skip
+    calls = []
+    make = updates.make_train_step
+
+    def counting(*args, steps=1, **kwargs):
+        step_fn = make(*args, steps=steps, **kwargs)
+        return lambda *a: (calls.append(steps), step_fn(*a))[1]
+
+    monkeypatch.setattr(updates, "make_train_step", counting)
     with tfds.testing.mock_data(num_examples=64):
         single = train.train_and_evaluate(tiny.tiny_config(overrides), str(tmp_path / "single"))
+        calls.clear()
         paired = tiny.tiny_config({**overrides, "training.steps_per_dispatch": 2})
         paired.training.num_train_steps = 3  # stopped at step 3, then resumed to 7
         train.train_and_evaluate(paired, str(tmp_path / "paired"))
@@ -155,9 +169,28 @@ def test_steps_per_dispatch_keeps_the_loops_data_order_and_saves(tmp_path, monke
         state = train.train_and_evaluate(paired, str(tmp_path / "paired"))
     assert int(state.step) == 7
     saved = checkpointing.Checkpointer(tmp_path / "paired").manager.all_steps()
-    assert sorted(saved) == [4, 6, 7]  # kept: the newest 3 of 2, 3, 4, 6, 7
+    assert sorted(saved) == [3, 6, 7]
+    # Logs every 2, saves every 3: 0-2 | 2-3 (save) | resumed: 3-4 | 4-6 | 6-7 (the end).
+    assert calls == [2, 1, 1, 2, 1]
     for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_call_takes_steps_per_dispatch_steps_unless_an_event_falls_inside():
+    # Logs every 10 of 25 steps, 4 per call: 0-4-8, singles to 10, 10-14-18, singles to
+    # 20, 20-24, a single to 25.
+    calls, step = [], 0
+    while step < 25:
+        calls.append(train.steps_in_next_call(step, 4, (10, 0), 25))
+        step += calls[-1]
+    assert calls == [4, 4, 1, 1, 4, 4, 1, 1, 4, 1]
+
+
+def test_the_update_and_the_sampler_import_no_tensorflow():
+    """benchmarks/gpu.sh times them where TensorFlow is not installed."""
+    code = "import sys, ddpm.factories, ddpm.sampling, ddpm.updates; "
+    code += "sys.exit('tensorflow' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
 def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeypatch):
@@ -168,7 +201,7 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeyp
     def counting_step(*unused_args, **unused_kwargs):
         return lambda state, batch, rng: (state.replace(step=state.step + 1), {})
 
-    monkeypatch.setattr(train, "make_train_step", counting_step)
+    monkeypatch.setattr(updates, "make_train_step", counting_step)
     config = tiny.tiny_config({"training.checkpoint_every": 1, "training.num_grid_samples": 0})
     with tfds.testing.mock_data(num_examples=64):
         state = train.train_and_evaluate(config, str(tmp_path))
@@ -186,8 +219,7 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeyp
         ({"model.dtype": "float16"}, ValueError, "model.dtype"),
         ({"diffusion.var_type": "wide"}, ValueError, "unknown var_type 'wide'"),
         ({"diffusion.schedule": "cosin"}, ValueError, "unknown beta schedule 'cosin'"),
-        ({"training.steps_per_dispatch": 3}, ValueError,
-         "log_every=2 must be a multiple of training.steps_per_dispatch=3"),
+        ({"training.steps_per_dispatch": 0}, ValueError, "steps_per_dispatch=0 must be >= 1"),
     ],
 )  # fmt: skip
 def test_bad_configuration_fails_fast_with_one_message(tmp_path, update, error, message):
@@ -221,8 +253,8 @@ def test_ema_follows_its_decay_schedule(warmup):
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
     state = factories.create_train_state(config, model, tx, jax.random.key(0))
-    state = train.replicated(state, jax.devices()[:1])
-    step_fn = train.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:1])
+    state = updates.replicated(state, jax.devices()[:1])
+    step_fn = updates.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:1])
     ema = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
     rng = np.random.default_rng(0)
     for n in range(4):
