@@ -9,7 +9,7 @@ samples against all 10,000 test digits after 10, 20 and 30 minutes of training):
   - 28x28, not 16x16: 16x16 digits score FID 46 against the 28x28 ones even when real;
   - EMA warm-up: the average forgets the initial weights within the first steps;
   - Min-SNR-5 loss weighting;
-  - DDIM with 40 steps, so 1,000 samples take about 4 minutes (training grids too).
+  - DDIM with 40 steps and eta 1, so 1,000 samples take about 2 minutes (grids too).
 Offline, train from a folder of PNGs (tools/mnist_to_folder.py writes one from the IDX
 files): --config.data.source=folder --config.data.path=DIR
 """
@@ -41,6 +41,10 @@ def get_config():
     config.optim.warmup_steps = 200
     config.sampling.method = "ddim"
     config.sampling.num_steps = 40
+    # eta 1 (fresh noise each step, sigma^2 = beta-tilde of the respaced chain): FID 29.1
+    # after 30 min against 65.6 with the deterministic eta 0, whose chain carries the
+    # starting noise to the end as speckle (the "noise squares") while the model is young.
+    config.sampling.eta = 1.0
     config.sampling.batch_size = 250  # 1,000 samples in 4 chains of one compiled shape
     config.eval.split = "test"
     config.eval.num_samples = 1000
