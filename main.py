@@ -31,13 +31,14 @@ def main(argv):
             f"--mode={FLAGS.mode} is not available for config.pipeline='text2image': "
             "use --mode=convert (a diffusers LDMTextToImagePipeline folder) and --mode=sample"
         )
+    from ddpm import platform
+
+    platform.keep_freed_memory()  # CPU training: before TensorFlow's threads allocate
     import tensorflow as tf
 
     # TensorFlow only feeds data: it must not claim GPU or TPU memory that JAX needs.
     tf.config.set_visible_devices([], "GPU")
     tf.config.set_visible_devices([], "TPU")
-    from ddpm import platform
-
     if config.distributed:
         platform.initialize_distributed()
     platform.log_devices()

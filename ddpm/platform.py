@@ -1,5 +1,7 @@
-"""Where the job runs: joining a cluster of processes, and saying which devices JAX uses."""
+"""Where the job runs: joining a cluster of processes, saying which devices JAX uses, and
+the host's malloc settings for training on a CPU."""
 
+import ctypes
 import glob
 import os
 
@@ -12,6 +14,9 @@ from jax.experimental import multihost_utils
 # Set together, they describe the cluster explicitly (e.g. several processes on one machine);
 # unset, jax.distributed.initialize() detects SLURM, TPU pods, Kubernetes, ...
 CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# mallopt parameters (glibc's malloc.h), and the largest int it takes: 2 GiB of free heap.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+NEVER_TRIM = 2**31 - 1
 
 
 def initialize_distributed(environ=os.environ) -> None:
@@ -65,6 +70,37 @@ def _connect_collectives() -> None:
 def nvidia_gpu_present() -> bool:
     """Whether the machine has an NVIDIA GPU that the driver exposes (without asking JAX)."""
     return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def tpu_present() -> bool:
+    """Whether the machine exposes TPU chips (without asking JAX)."""
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def keep_freed_memory(environ=os.environ) -> bool:
+    """On a machine without GPU or TPU: one malloc arena that never unmaps or trims.
+
+    Whether it set them. Measured on a 2-core CPU (configs/mnist.py, batch 32, 4 steps
+    per call): the compiled train step takes 0.27 s alone but 0.37-0.41 s in a process
+    where the tf.data pipeline has run, with four times the system time and 9.4 million
+    page faults instead of 1.7 million: with the pipeline's threads about, XLA's step
+    buffers come from malloc arenas that give their memory back to the kernel after every
+    step, and every step faults it in again. These settings bring it back to 0.27 s (peak
+    RSS 2.7 GB instead of 2.1). main.py calls this before TensorFlow starts its threads.
+
+    Left alone: accelerators (the host only feeds data there, and one arena would make
+    the input threads queue for its lock), a C library without mallopt (not glibc), and
+    a user's own MALLOC_* settings.
+    """
+    if nvidia_gpu_present() or tpu_present():
+        return False
+    if any(name.startswith("MALLOC_") for name in environ):
+        return False
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def log_devices() -> None:
