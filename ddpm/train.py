@@ -210,7 +210,7 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
                fid_every if training_fid else 0)  # fmt: skip
     logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
     try:
-        step = start_step
+        step, in_flight = start_step, None
         while step < num_steps:
             if (n := steps_in_next_call(step, per_dispatch, periods, num_steps)) > 1:
                 batches = updates.stack_steps([next(train_iter) for _ in range(n)])
@@ -219,6 +219,10 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
             else:
                 state, metrics = p_train_step(state, next(train_iter), train_rng)
                 step += 1
+            # At most two calls queued: the host would otherwise run ahead to the next log
+            # step, and a preemption signal would wait for all the steps queued until then.
+            jax.block_until_ready(in_flight)
+            in_flight = metrics
             if step % config.training.log_every == 0 or step == num_steps:
                 metrics = {k: float(v) for k, v in metrics.items()}
                 check_finite(metrics, step, last_logged)
