@@ -76,7 +76,8 @@ def train(config_overrides: list[str], run_dir: epath.Path, minutes: list[float]
 
     Each mark is reached by one main.py run, stopped by SIGTERM (its save is exact) and
     resumed by the next, so no periodic checkpoints slow training down; a mark counts the
-    wall-clock time of all runs so far, their start-ups and saves included.
+    wall-clock time of all runs so far, from each start to its final save (start-ups and
+    compiles included, the process's exit not: it trains no more).
     """
     main_py = epath.Path(__file__).parent.parent / "main.py"
     never = 10**9  # no periodic checkpoints, and no end before the last SIGTERM
@@ -87,21 +88,26 @@ def train(config_overrides: list[str], run_dir: epath.Path, minutes: list[float]
         f"--config.training.checkpoint_every={never}",
     ]  # fmt: skip
     log = (run_dir.parent / "train.log").open("w")
+    checkpoints = run_dir / checkpointing.CHECKPOINT_DIR
     trained, kept = 0.0, []
     for mark in minutes:
         start = time.monotonic()
+        before = newest_checkpoint(checkpoints)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(max(0.0, 60 * mark - trained))
         if process.poll() is not None:
             raise RuntimeError(f"training exited early ({process.returncode}): see {log.name}")
         process.send_signal(signal.SIGTERM)
+        while newest_checkpoint(checkpoints) == before and process.poll() is None:
+            time.sleep(0.2)  # the final save, renamed into place when complete
+        trained += time.monotonic() - start
         if process.wait() != 0:
             raise RuntimeError(f"training failed on SIGTERM: see {log.name}")
-        trained += time.monotonic() - start
         keep_dir = run_dir.parent / f"at_{mark:g}min"
         shutil.rmtree(keep_dir, ignore_errors=True)
-        kept.append({"minutes": mark, "step": keep(run_dir, keep_dir), "dir": keep_dir})
-        logging.info("kept step %d at %g min (%.1f min trained)", kept[-1]["step"], mark,
+        kept.append({"minutes": mark, "trained_minutes": trained / 60,
+                     "step": keep(run_dir, keep_dir), "dir": keep_dir})  # fmt: skip
+        logging.info("kept step %d at %g min (%.2f min trained)", kept[-1]["step"], mark,
                      trained / 60)  # fmt: skip
     return kept
 
@@ -150,7 +156,8 @@ def main(argv):
     results = []
     for entry in kept:
         result = evaluate(config, entry, reference, extractor)
-        result["train_images_per_s"] = result["step"] * batch / (60 * entry["minutes"])
+        result["trained_minutes"] = entry["trained_minutes"]
+        result["train_images_per_s"] = result["step"] * batch / (60 * entry["trained_minutes"])
         results.append(result)
         logging.info("%s", result)
     summary = {
@@ -163,11 +170,12 @@ def main(argv):
     (workdir / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{summary['config']} {' '.join(overrides)} | {summary['sampler']}, "
           f"{FLAGS.num_samples} samples, FID against all digits at 28x28")  # fmt: skip
-    print("| minutes | step | train img/s | FID | noise squares | sampling s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| minutes | trained min | step | train img/s | FID | noise squares | sampling s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['minutes']:g} | {r['step']} | {r['train_images_per_s']:.1f} | "
-              f"{r['fid']:.1f} | {r['noisy']} | {r['sampling_s']:.0f} |")  # fmt: skip
+        print(f"| {r['minutes']:g} | {r['trained_minutes']:.2f} | {r['step']} | "
+              f"{r['train_images_per_s']:.1f} | {r['fid']:.1f} | {r['noisy']} | "
+              f"{r['sampling_s']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
