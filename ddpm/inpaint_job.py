@@ -28,12 +28,14 @@ def check_config(config: ml_collections.ConfigDict) -> list[int]:
     c = config.inpaint
     if c.num_images < 1:
         raise ValueError(f"inpaint.num_images must be >= 1, got {c.num_images}")
-    sampling.sampling_diffusion(config, "inpaint.num_steps")  # checks method and steps
+    # Checks method and steps; the plan walks the chain it makes, whose length can differ
+    # from inpaint.num_steps (0: all T; DDIM's uniform stride when it does not divide T).
+    chain_length = sampling.sampling_diffusion(config, "inpaint.num_steps").num_timesteps
     if c.source and not epath.Path(c.source).is_dir():
         raise ValueError(f"inpaint.source={c.source!r} is not a folder of images")
     if c.mask not in masks.KINDS and not epath.Path(c.mask).is_dir():
         raise ValueError(f"inpaint.mask={c.mask!r} must be one of {masks.KINDS} or a folder")
-    return inpainting.inpaint_times(c.method, c.num_steps, c.jump_length, c.jump_n_sample)
+    return inpainting.inpaint_times(c.method, chain_length, c.jump_length, c.jump_n_sample)
 
 
 def make_inpainter(config, model, times, devices=None):

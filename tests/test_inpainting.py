@@ -279,6 +279,19 @@ def test_inpainting_does_not_depend_on_the_device_count(run):
 
 
 @pytest.mark.parametrize(
+    "method, num_steps, chain_length",
+    [("ddim", 3, len(range(0, 10, 10 // 3))), ("ddim", 0, 10), ("ddpm", 0, 10), ("ddpm", 5, 5)],
+)
+def test_the_plan_walks_the_chain_the_sampler_makes(run, method, num_steps, chain_length):
+    # DDIM's uniform stride 10 // 3 makes 4 steps of T = 10, not 3; 0 means all T.
+    config = _config(run)
+    config.sampling.method, config.inpaint.num_steps = method, num_steps
+    times = inpaint_job.check_config(config)
+    assert times[0] == chain_length - 1 and times[-1] == -1
+    assert times == inpainting.repaint_times(chain_length, 2, 2)
+
+
+@pytest.mark.parametrize(
     "overrides, message",
     [
         ({"inpaint.method": "paint"}, "inpaint.method must be one of"),
