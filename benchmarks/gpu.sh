@@ -78,7 +78,7 @@ train=("$py" benchmarks/train_step.py "${tiny[@]}" --batch "$batch" --steps "$st
 "${train[@]}" --dtype float32 --json "$results/train_float32.json"
 "${train[@]}" --dtype bfloat16 --json "$results/train_bfloat16.json"
 "$py" benchmarks/sample_speed.py "${tiny[@]}" --batch "$sample_batch" --steps "$sample_steps" \
-  --json "$results/sample.json"
+  --torch-python "$torch_py" --json "$results/sample.json"
 # timeout stops the whole process group: train_step.py and the torch side it started.
 rc=0
 timeout "$compile_timeout" "${train[@]}" --dtype float32 --torch-compile \
@@ -117,13 +117,19 @@ for side, dtype, run, r, why in train_rows:
     per_call = run["steps_per_dispatch"] if side == "jax" else 1
     cells = (run["batch"], per_call, f"{r['compile_s']:.1f}", f"{1 / r['step_s']:.2f}")
     print(line.format(side, "train", dtype, *cells, f"{r['images_per_s']:.1f}"))
-for r in sample["runs"]:
-    cells = (r["batch"], sample["steps"], f"{r['compile_s']:.1f}", f"{r['steps_per_s']:.2f}")
-    print(line.format("jax", "sample", sample["dtype"], *cells, "-"))
+sample_rows = [("jax", sample["runs"])]
+sample_rows += [("torch eager", sample["torch"]["runs"])] if sample["torch"] else []
+for side, sample_runs in sample_rows:
+    for r in sample_runs:
+        cells = (r["batch"], sample["steps"], f"{r['compile_s']:.1f}", f"{r['steps_per_s']:.2f}")
+        print(line.format(side, "sample", sample["dtype"], *cells, "-"))
+if not sample["torch"]:
+    print(line.format("torch eager", "sample", sample["dtype"], *"-----") + f"  ({no_torch})")
 print(
     f"train: {f32['steps']} steps timed after two calls; 1st call s: JAX compile and its "
-    "steps, torch warm-up (or compile)\nsample: the DDPM ancestral step in one compiled loop; "
-    f"1st call s: compile and a chain; the full {sample['num_timesteps']}-step chain gives "
+    "steps, torch warm-up (or compile)\nsample: the DDPM ancestral step in one compiled loop "
+    "(torch: DDPMPipeline); 1st call s: compile (torch: warm-up) and a chain; JAX's full "
+    f"{sample['num_timesteps']}-step chain gives "
     + ", ".join(f"{r['samples_per_s']:.2f} samples/s at batch {r['batch']}" for r in sample["runs"])
 )
 print(f"JSON files: {results}/")

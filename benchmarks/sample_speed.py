@@ -1,4 +1,4 @@
-"""Speed of the compiled sampler (sampling.make_sampler) for a config's model.
+"""Speed of the compiled sampler (sampling.make_sampler) against diffusers' DDPMPipeline.
 
 Run from the repository root:
 
@@ -7,36 +7,87 @@ Run from the repository root:
 For each --batch it samples with a respaced ancestral chain of --steps steps (the same
 compiled reverse step as the full chain, run fewer times), once to compile and once timed,
 on random weights, and reports seconds per step, steps/s and the samples/s that the full
-T-step ancestral chain gives. It imports no TensorFlow (sampling.make_sampler is what
+T-step ancestral chain gives. The torch peer, in --torch-python (skipped, with a note, if
+that lacks torch or diffusers), runs DDPMPipeline with as many steps on a UNet2DModel of
+the same architecture (the parameter counts must agree): one untimed chain, one timed,
+per batch. The JAX side imports no TensorFlow (sampling.make_sampler is what
 --mode=sample draws with, without the jobs around it), so it runs where only JAX is.
 """
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
 
-import jax
-import numpy as np
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train_step import load_config  # noqa: E402
-
-from ddpm import factories, samplers, sampling  # noqa: E402
+from train_step import RESULT, has_torch, load_config, run_result, torch_spec  # noqa: E402
 
 
-def time_chain(sampler, params, batch: int, steps: int) -> dict:
-    """Compiles the chain for `batch` samples, then times one more run of it."""
-    keys = samplers.sample_keys(jax.random.key(0), np.arange(batch))
+def timed_chain(run, batch: int, steps: int) -> dict:
+    """Runs run() (a whole chain) to compile or warm up, then times one more run."""
     start = time.perf_counter()
-    sampler(params, keys)  # returns host uint8: the chain has finished
-    compiled = time.perf_counter()
-    sampler(params, keys)
-    step_s = (time.perf_counter() - compiled) / steps
-    return dict(batch=batch, compile_s=compiled - start, step_s=step_s, steps_per_s=1 / step_s)
+    run()
+    warm = time.perf_counter()
+    run()
+    step_s = (time.perf_counter() - warm) / steps
+    return dict(batch=batch, compile_s=warm - start, step_s=step_s, steps_per_s=1 / step_s)
+
+
+def run_jax(args) -> dict:
+    import jax
+    import numpy as np
+
+    from ddpm import factories, samplers, sampling
+
+    config = load_config(args.config, tiny=args.tiny, dtype=args.dtype)
+    config.sampling.update(method="ddpm", num_steps=args.steps)
+    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
+    state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
+    sampler = sampling.make_sampler(config, model)
+    runs = []
+    for batch in args.batch:
+        keys = samplers.sample_keys(jax.random.key(0), np.arange(batch))
+        # The sampler returns host uint8: the chain has finished when it returns.
+        chain = lambda keys=keys: sampler(state.ema_params, keys)  # noqa: E731
+        runs.append(timed_chain(chain, batch, args.steps))
+    params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+    device = f"{jax.devices()[0].device_kind} x{jax.local_device_count()}"
+    return dict(device=device, params=params, num_timesteps=config.diffusion.num_timesteps,
+                runs=runs)  # fmt: skip
+
+
+def run_torch(args, spec) -> dict:
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DModel(**spec["unet"]).to(device).eval()
+    params = sum(p.numel() for p in unet.parameters())
+    if params != spec["expect_params"]:
+        raise SystemExit(f"torch model has {params:,} parameters, ours {spec['expect_params']:,}")
+    scheduler = DDPMScheduler(
+        num_train_timesteps=spec["num_timesteps"],
+        beta_start=spec["beta_start"],
+        beta_end=spec["beta_end"],
+        beta_schedule="linear",
+    )
+    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def chain(batch):
+        with torch.autocast(device, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            pipeline(batch_size=batch, num_inference_steps=args.steps, output_type="np")
+        sync()
+
+    runs = [timed_chain(lambda b=b: chain(b), b, args.steps) for b in args.batch]
+    return dict(device=device, params=params, runs=runs)
 
 
 def main():
@@ -46,32 +97,44 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps of the timed chain")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--tiny", action="store_true", help="a small model, for smoke runs")
+    parser.add_argument("--torch-python", default=".venv-tools/bin/python")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--side", choices=("torch",), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = load_config(args.config, tiny=args.tiny, dtype=args.dtype)
-    config.sampling.update(method="ddpm", num_steps=args.steps)
+    if args.side:
+        print(RESULT + json.dumps(run_torch(args, args.spec)))
+        return
 
-    model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
-    sampler = sampling.make_sampler(config, model)
-    T = config.diffusion.num_timesteps
-    device = f"{jax.devices()[0].device_kind} x{jax.local_device_count()}"
-    runs = []
-    for batch in args.batch:
-        run = time_chain(sampler, state.ema_params, batch, args.steps)
-        run["samples_per_s"] = batch / (run["step_s"] * T)
-        runs.append(run)
-        print(
-            f"{args.config}{' (tiny)' * args.tiny}, {args.dtype}, batch {batch} on {device}: "
-            f"compile + first chain {run['compile_s']:.1f} s; {run['step_s']:.4f} s per step "
-            f"({run['steps_per_s']:.1f} steps/s); {run['samples_per_s']:.4f} samples/s for "
-            f"{T}-step ancestral sampling",
-            flush=True,
-        )
+    torch_python = REPO / args.torch_python
+    torch_python = str(torch_python) if torch_python.exists() else args.torch_python
+    spec = torch_spec(args) if has_torch(torch_python) else None  # Its errors come first.
+    result = run_jax(args)
+    T, name = result["num_timesteps"], f"{args.config}{' (tiny)' * args.tiny}, {args.dtype}"
+    for run in result["runs"]:
+        run["samples_per_s"] = run["batch"] / (run["step_s"] * T)
+        print(f"{name}, batch {run['batch']} on {result['device']}: compile + first chain "
+              f"{run['compile_s']:.1f} s; {run['step_s']:.4f} s per step ({run['steps_per_s']:.1f} "
+              f"steps/s); {run['samples_per_s']:.4f} samples/s for {T}-step ancestral sampling",
+              flush=True)  # fmt: skip
+    result["torch"] = None
+    if spec:
+        spec["expect_params"] = result["params"]
+        cmd = [torch_python, __file__, "--side", "torch", "--config", args.config, "--dtype",
+               args.dtype, "--steps", str(args.steps), "--spec", json.dumps(spec),
+               "--batch", *map(str, args.batch), *["--tiny"] * args.tiny]  # fmt: skip
+        result["torch"] = run_result(cmd, "torch")
+        for ours, theirs in zip(result["runs"], result["torch"]["runs"], strict=True):
+            ours["torch_steps_per_s"] = theirs["steps_per_s"]
+            ours["ratio"] = ours["steps_per_s"] / theirs["steps_per_s"]
+            print(f"batch {ours['batch']}: diffusers DDPMPipeline on {result['torch']['device']} "
+                  f"{theirs['steps_per_s']:.2f} steps/s (warm-up {theirs['compile_s']:.1f} s); "
+                  f"JAX / torch: {ours['ratio']:.2f}")  # fmt: skip
+    else:
+        print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
     if args.json:
         settings = {k: getattr(args, k) for k in ("config", "steps", "dtype", "tiny")}
-        result = {**settings, "device": device, "num_timesteps": T, "runs": runs}
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        pathlib.Path(args.json).write_text(json.dumps({**settings, **result}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -199,6 +199,11 @@ def run_side(python: str, side: str, args, spec=None) -> dict:
     cmd += ["--steps-per-dispatch", str(args.steps_per_dispatch)]
     cmd += ["--tiny"] * args.tiny + ["--torch-compile"] * args.torch_compile
     cmd += ["--spec", json.dumps(spec)] if spec else []
+    return run_result(cmd, side)
+
+
+def run_result(cmd: list[str], side: str) -> dict:
+    """Runs cmd, passing its stdout through but for the RESULT line, whose JSON it returns."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.splitlines()

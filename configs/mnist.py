@@ -6,10 +6,11 @@ parameters; on a 2-core CPU about 117 training images/s for the bare step (4 ste
 call; 101 with one), 107-114 in main.py, and 155 sampling forward passes/s.
 What each choice bought is measured by benchmarks/mnist_quality.py (FID of 1,000
 samples against all 10,000 test digits after 10, 20 and 30 minutes of training; this
-config: 38.0, 29.1 and 26.7 at steps 2032, 4064 and 6044):
+config: 26.9, 16.4 and 13.3 at steps 1972, 3952 and 6024):
   - 28x28, not 16x16: 16x16 digits score FID 46 against the 28x28 ones even when real;
   - EMA warm-up: the average forgets the initial weights within the first steps;
-  - Min-SNR-5 loss weighting;
+  - the plain L_simple loss: Min-SNR-5 weighting (diffusion.min_snr_gamma=5) scored
+    38.0, 29.1 and 26.7 with this sampler (it had helped the deterministic eta-0 one);
   - DDIM with 40 steps and eta 1, so 1,000 samples take about 2 minutes (grids too).
 Offline, train from a folder of PNGs (tools/mnist_to_folder.py writes one from the IDX
 files): --config.data.source=folder --config.data.path=DIR
@@ -29,7 +30,6 @@ def get_config():
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (7,)
     config.model.dropout = 0.0
-    config.diffusion.min_snr_gamma = 5.0
     config.training.batch_size = 32
     config.training.num_train_steps = 4000
     config.training.steps_per_dispatch = 4  # +15% images/s on a CPU, for 14 s more compile
