@@ -16,7 +16,6 @@ per batch. The JAX side imports no TensorFlow (sampling.make_sampler is what
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -24,7 +23,14 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train_step import RESULT, has_torch, load_config, run_result, torch_spec  # noqa: E402
+from train_step import (  # noqa: E402
+    RESULT,
+    has_torch,
+    load_config,
+    run_result,
+    torch_peer,
+    torch_spec,
+)
 
 
 def timed_chain(run, batch: int, steps: int) -> dict:
@@ -62,22 +68,11 @@ def run_jax(args) -> dict:
 
 def run_torch(args, spec) -> dict:
     import torch
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMPipeline
 
-    torch.set_num_threads(os.cpu_count())
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = UNet2DModel(**spec["unet"]).to(device).eval()
+    device, unet, scheduler = torch_peer(spec)
     params = sum(p.numel() for p in unet.parameters())
-    if params != spec["expect_params"]:
-        raise SystemExit(f"torch model has {params:,} parameters, ours {spec['expect_params']:,}")
-    scheduler = DDPMScheduler(
-        num_train_timesteps=spec["num_timesteps"],
-        beta_start=spec["beta_start"],
-        beta_end=spec["beta_end"],
-        beta_schedule="linear",
-    )
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler).to(device)
+    pipeline = DDPMPipeline(unet=unet.eval(), scheduler=scheduler).to(device)
     pipeline.set_progress_bar_config(disable=True)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 

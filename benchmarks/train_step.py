@@ -136,29 +136,42 @@ def run_jax(args) -> dict:
     )
 
 
-def run_torch(args, spec) -> dict:
+def torch_peer(spec: dict):
+    """The torch side's (device, UNet2DModel, DDPMScheduler) for `spec` (`torch_spec`).
+
+    All CPU threads, seed 0; the UNet must have as many parameters as ours.
+    """
     import torch
-    import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = UNet2DModel(**spec["unet"]).to(device).train()
-    params = sum(p.numel() for p in model.parameters())
+    unet = UNet2DModel(**spec["unet"]).to(device)
+    params = sum(p.numel() for p in unet.parameters())
     print(f"torch: {params:,} parameters on {device}")
     if params != spec["expect_params"]:
         raise SystemExit(f"torch model has {params:,} parameters, ours {spec['expect_params']:,}")
-    forward = torch.compile(model) if args.torch_compile else model
-    weights = list(model.parameters())
-    ema = [p.detach().clone() for p in weights]
-    opt = torch.optim.Adam(weights, lr=spec["lr"], betas=spec["betas"], eps=spec["eps"])
     scheduler = DDPMScheduler(
         num_train_timesteps=spec["num_timesteps"],
         beta_start=spec["beta_start"],
         beta_end=spec["beta_end"],
         beta_schedule="linear",
     )
+    return device, unet, scheduler
+
+
+def run_torch(args, spec) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    device, model, scheduler = torch_peer(spec)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    forward = torch.compile(model) if args.torch_compile else model
+    weights = list(model.parameters())
+    ema = [p.detach().clone() for p in weights]
+    opt = torch.optim.Adam(weights, lr=spec["lr"], betas=spec["betas"], eps=spec["eps"])
     size, channels, num_timesteps = spec["image_size"], spec["channels"], spec["num_timesteps"]
     images = torch.randint(0, 256, (args.batch, channels, size, size), dtype=torch.uint8)
 
