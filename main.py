@@ -26,6 +26,11 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.mode == "convert" and not FLAGS.source:
         raise app.UsageError("--mode=convert needs --source=DIR (a diffusers model folder)")
+    if config.pipeline == "autoencoder" and FLAGS.mode not in ("train", "eval"):
+        raise app.UsageError(
+            f"--mode={FLAGS.mode} is not available for config.pipeline='autoencoder': "
+            "use --mode=train and --mode=eval (reconstruction PSNR, FID and accuracy)"
+        )
     if config.pipeline == "text2image" and FLAGS.mode not in ("sample", "convert"):
         raise app.UsageError(
             f"--mode={FLAGS.mode} is not available for config.pipeline='text2image': "
@@ -45,7 +50,11 @@ def main(argv):
 
     from ddpm import convert, eval_job, evaluation, inpaint_job, super_resolution, text2image, train
 
-    if config.pipeline == "text2image":
+    if config.pipeline == "autoencoder" and FLAGS.mode == "eval":
+        from ddpm import autoencoder_job
+
+        autoencoder_job.evaluate(config, FLAGS.workdir)
+    elif config.pipeline == "text2image":
         if FLAGS.mode == "sample":
             text2image.sample(config, FLAGS.workdir)
         else:

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from ddpm import data_sources, evaluation, images, input_pipeline, samplers, sampling
+from ddpm import data_sources, evaluation, images, input_pipeline, latent, samplers, sampling
 from ddpm import diffusion as D
 from ddpm.evaluation import BPD_PURPOSE, SAMPLE_PURPOSE
 from ddpm.factories import create_diffusion
@@ -34,6 +34,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     """The splits that the job will read exist and the sampling settings are valid."""
     sampling.sampling_diffusion(config)
     sampling.check_conditioning(config)
+    if config.pipeline == "latent" and config.eval.bpd_split:
+        raise ValueError(
+            "eval.bpd_split: a latent model's bound is on latents, not pixels, so it gives "
+            "no bits/dim of images; set --config.eval.bpd_split=''"
+        )
     fields = {"eval.bpd_split": config.eval.bpd_split}
     if config.eval.num_samples:
         fields["eval.split"] = config.eval.split
@@ -107,7 +112,7 @@ def bits_per_dim(config, model, params, out_dir) -> tuple[float, int]:
     return float(np.mean(values)), len(values)
 
 
-def training_fid(config: ml_collections.ConfigDict, model, workdir) -> Callable:
+def training_fid(config: ml_collections.ConfigDict, model, workdir, autoencoder=None) -> Callable:
     """ema_params -> FID of training.fid_num_samples samples: the curve that training logs.
 
     DDIM (eta 0) with training.fid_num_steps steps, the same keys at every call (so the
@@ -123,7 +128,7 @@ def training_fid(config: ml_collections.ConfigDict, model, workdir) -> Callable:
     workdir = epath.Path(workdir)
     extractor = evaluation.FeatureExtractor(config.eval.inception_weights, workdir / "inception")
     reference = evaluation.reference_statistics(config, extractor, workdir)
-    sampler = sampling.make_sampler(fid_config, model)
+    sampler = sampling.make_sampler(fid_config, model, autoencoder=autoencoder)
     rng = jax.random.fold_in(jax.random.key(config.seed), TRAINING_FID_PURPOSE)
 
     def compute(ema_params) -> float:
@@ -154,11 +159,12 @@ def write_results(workdir, name: str, results: dict) -> None:
         partial.replace(path)  # over the previous results, atomically (gs://: copy, delete)
 
 
-def fid_of_samples(config, model, params, extractor, reference, out_dir, scorer=None) -> dict:
+def fid_of_samples(config, model, params, extractor, reference, out_dir, scorer=None,
+                   autoencoder=None) -> dict:  # fmt: skip
     """FID (and IS, class accuracy) of eval.num_samples EMA samples against `reference`."""
     stats, logits, predicted = fid.RunningStatistics(2048), [], []
     rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
-    sampler = sampling.make_sampler(config, model)
+    sampler = sampling.make_sampler(config, model, autoencoder=autoencoder)
     num = config.eval.num_samples
     for chunk in evaluation.sample_chunks(config, sampler, params, rng, num, out_dir):
         features, chunk_logits = extractor(chunk)
@@ -219,7 +225,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         digest = evaluation.settings_digest(evaluation.sampling_settings(config))
         samples_dir = out_dir / f"samples_{results['sampler']}_{digest}"
         results.update(fid_of_samples(config, model, params, extractor, reference, samples_dir,
-                                      scorer))  # fmt: skip
+                                      scorer, latent.frozen_of(config, workdir)))  # fmt: skip
         write_results(workdir, name, results)
         logging.info("FID at step %d: %.4f", step, results["fid"])
     if config.eval.bpd_split:

@@ -26,11 +26,12 @@ from ddpm import (
     guidance,
     images,
     input_pipeline,
+    latent,
     npz,
     samplers,
     sampling,
 )
-from ddpm.factories import create_model, init_params
+from ddpm.factories import create_model, init_params, uses_text
 from ddpm.metrics import classifier, fid, inception
 
 # fold_in purposes of the run's key, kept apart from training's.
@@ -42,6 +43,21 @@ def labels_of(config, indices) -> np.ndarray | None:
     if not config.model.num_classes:
         return None
     return guidance.sample_labels(config.sampling.labels, config.model.num_classes, indices)
+
+
+def conditions_of(config, indices) -> np.ndarray | None:
+    """What the sampler is told for global sample indices: labels_of, or the token ids
+    [n, L] of sampling.prompt (sample i: prompt i mod count) for a prompt-conditioned
+    latent model given prompts."""
+    spec = str(config.sampling.get("prompt", "")).strip()
+    if not spec:
+        return labels_of(config, indices)
+    if not (config.pipeline == "latent" and uses_text(config)):
+        raise ValueError(f"sampling.prompt={spec!r} needs a config with latent.condition='text'")
+    from ddpm import text2image  # the prompt-file reader
+
+    prompts = text2image.read_prompts(spec)
+    return latent.make_tokenizer(config)(prompts)[np.asarray(indices) % len(prompts)]
 
 
 def sampler_name(config) -> str:
@@ -66,9 +82,10 @@ def settings_digest(settings: dict) -> str:
 
 def sampling_settings(config) -> dict:
     """Everything besides the checkpoint that changes the samples of sample_chunks."""
-    keys = ("method", "num_steps", "eta", "clip_denoised", "batch_size", "guidance_scale", "labels")
+    keys = ("method", "num_steps", "eta", "clip_denoised", "batch_size", "guidance_scale", "labels",
+            "prompt")  # fmt: skip
     return {
-        "sampling": {k: config.sampling[k] for k in keys},
+        "sampling": {k: config.sampling[k] for k in keys if k in config.sampling},
         "diffusion": config.diffusion.to_dict(),
         "data": {k: config.data[k] for k in ("image_size", "num_channels")},
         "seed": config.seed,
@@ -133,7 +150,7 @@ def sample_chunks(config, sampler, params, rng, num_samples, out_dir) -> Iterato
     """Yields uint8 samples [chunk, H, W, C] for indices 0..num_samples-1, chunk by chunk."""
 
     def draw(mine):
-        return sampler(params, samplers.sample_keys(rng, mine), labels_of(config, mine))
+        return sampler(params, samplers.sample_keys(rng, mine), conditions_of(config, mine))
 
     return chunks(config, draw, num_samples, out_dir)
 
@@ -162,13 +179,13 @@ def sample(config: ml_collections.ConfigDict, workdir) -> np.ndarray:
     name = f"samples_step{step}_{sampler_name(config)}_seed{config.seed}_{digest}"
     out_dir = workdir / name
     rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_PURPOSE)
-    sampler = sampling.make_sampler(config, model)
+    sampler = sampling.make_sampler(config, model, autoencoder=latent.frozen_of(config, workdir))
     samples = np.concatenate(
         list(sample_chunks(config, sampler, params, rng, c.num_samples, out_dir / "chunks"))
     )
     if jax.process_index() == 0:
-        labels = labels_of(config, np.arange(len(samples)))
-        extra = {} if labels is None else {"labels": labels}
+        labels = conditions_of(config, np.arange(len(samples)))
+        extra = {} if labels is None else {"labels" if labels.ndim == 1 else "token_ids": labels}
         npz.save(out_dir / "samples.npz", images=samples, **extra)
         images.save_grid(samples, out_dir / "grid.png")
         logging.info("Wrote %d samples to %s", len(samples), out_dir)

@@ -247,15 +247,16 @@ def create_eval_iter(
 
 
 def load_examples(
-    data: ml_collections.ConfigDict, split: str, *, batch_size: int = 256
+    data: ml_collections.ConfigDict, split: str, *, batch_size: int = 256, positions=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """All of `split` on this host, in stored order: uint8 images [N, S, S, C], int32 labels [N].
+    """All of `split` (or its examples `positions`) on this host, in stored order: uint8
+    images [N, S, S, C], int32 labels [N].
 
     For data sets that fit in memory (a classifier's training set, a small FID reference).
     """
     batches = create_eval_iter(
-        data, split=split, global_batch_size=batch_size, process_index=0, process_count=1,
-        local_device_count=1,
+        data, split=split, global_batch_size=batch_size, positions=positions, process_index=0,
+        process_count=1, local_device_count=1,
     )  # fmt: skip
     found, labels = [], []
     for batch in batches:

@@ -16,8 +16,8 @@ import ml_collections
 import numpy as np
 
 from ddpm import diffusion as D
-from ddpm import guidance, images, samplers
-from ddpm.factories import create_diffusion
+from ddpm import guidance, images, latent, samplers
+from ddpm.factories import create_diffusion, latent_shape, uses_text
 
 
 def denoiser(model, params, labels=None) -> D.DenoiseFn:
@@ -28,12 +28,16 @@ def denoiser(model, params, labels=None) -> D.DenoiseFn:
     return lambda x, t: model.apply({"params": params}, x, t, labels, train=False)
 
 
-def guided_denoiser(model, params, labels, guidance_scale, mean_channels) -> D.DenoiseFn:
-    """The class-conditional network in eval mode with classifier-free guidance of weight w."""
+def guided_denoiser(model, params, labels, guidance_scale, mean_channels,
+                    null=None) -> D.DenoiseFn:  # fmt: skip
+    """The class-conditional network in eval mode with classifier-free guidance of weight w.
+
+    null: the unconditional input (default: the null label num_classes).
+    """
     return guidance.guided_denoiser(
         lambda x, t, y: model.apply({"params": params}, x, t, y, train=False),
         labels,
-        jnp.full_like(labels, model.num_classes),
+        jnp.full_like(labels, model.num_classes) if null is None else null,
         guidance_scale,
         mean_channels=mean_channels,
     )
@@ -100,27 +104,44 @@ def over_devices(fn: Callable, num_replicated: int, devices=None) -> Callable:
     return run
 
 
-def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Callable:
+def make_sampler(config: ml_collections.ConfigDict, model, devices=None, autoencoder=None
+                 ) -> Callable:  # fmt: skip
     """(params, keys [N], labels [N] | None, guidance_scale=None) -> uint8 [N, H, W, C].
 
     N is spread over the local devices. A class-conditional model samples `labels` (None:
     the null label) with classifier-free guidance of weight `guidance_scale` (default
     sampling.guidance_scale), a traced value: another w reuses the compiled chain.
+
+    Latent diffusion (autoencoder: latent.Frozen): the chain runs on latents, decoded at
+    the end. A prompt-conditioned model takes labels (each becomes its class's prompt in
+    a phrasing drawn from the sample's key) or token ids [N, L] (free prompts); its
+    unconditional input is the empty prompt.
     """
     check_conditioning(config)
     d = sampling_diffusion(config)
     shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     clip = config.sampling.clip_denoised
+    table = None
+    if autoencoder is not None:
+        shape = latent_shape(config)
+        table = latent.prompt_table(config) if uses_text(config) else None
 
-    def sample(params, guidance_scale, keys, labels):
+    def sample(params, frozen, guidance_scale, keys, labels):
+        null = None
+        if table is not None:
+            if labels.ndim == 1:  # class labels -> their prompts' token ids
+                labels = latent.prompt_ids(table, labels, keys)
+            null = jnp.broadcast_to(table[-1, 0], labels.shape)  # the empty prompt
         if model.num_classes:
-            denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1])
+            denoise_fn = guided_denoiser(model, params, labels, guidance_scale, shape[-1], null)
         else:
             denoise_fn = denoiser(model, params)
         method, eta = config.sampling.method, config.sampling.eta
-        return samplers.sample(d, denoise_fn, keys, shape, method, eta=eta, clip_denoised=clip)
+        x = samplers.sample(d, denoise_fn, keys, shape, method, eta=eta, clip_denoised=clip)
+        return x if autoencoder is None else autoencoder.decode(frozen, x)
 
-    mapped = over_devices(sample, num_replicated=2, devices=devices)
+    mapped = over_devices(sample, num_replicated=3, devices=devices)
+    frozen = None if autoencoder is None else autoencoder.params
 
     def run(params, keys, labels=None, guidance_scale=None):
         if labels is not None and not model.num_classes:
@@ -129,7 +150,7 @@ def make_sampler(config: ml_collections.ConfigDict, model, devices=None) -> Call
             guidance_scale = config.sampling.guidance_scale
         if labels is None:
             labels = np.full(len(keys), model.num_classes or 0, np.int32)
-        out = mapped(params, np.float32(guidance_scale), keys, np.asarray(labels, np.int32))
+        out = mapped(params, frozen, np.float32(guidance_scale), keys, np.asarray(labels, np.int32))
         return images.to_uint8(out)
 
     return run

@@ -24,23 +24,12 @@ from etils import epath
 
 from ddpm import checkpointing, evaluation, guidance, images, npz, samplers, sampling
 from ddpm.convert_ldm import load_pipeline
-from ddpm.factories import Text2ImageModels, create_text2image_models
+from ddpm.factories import Text2ImageModels, create_text2image_models, latent_shape
 from ddpm.models.autoencoder import AutoencoderKL
 from ddpm.text_tokenizer import PromptTokenizer
 
 TOKENIZER_DIR = "tokenizer"  # the converted workdir keeps the tokenizer's files here
 PROMPT_FILE_SUFFIX = ".txt"
-
-
-def latent_shape(config) -> tuple[int, int, int]:
-    """(h, w, latent channels) of the diffusion's latents for data.image_size images."""
-    factor = 2 ** (len(config.autoencoder.ch_mult) - 1)
-    size = config.data.image_size
-    if size % factor:
-        raise ValueError(
-            f"data.image_size={size} is not divisible by the autoencoder's factor {factor}"
-        )
-    return size // factor, size // factor, config.autoencoder.latent_channels
 
 
 def abstract_params(config, models: Text2ImageModels):

@@ -59,6 +59,18 @@ class PromptTokenizer:
             raise ValueError(
                 "tokenizer_config sets do_basic_tokenize=False, which is not supported"
             )
+        return cls.from_vocab(read_vocab(vocab_path), config, max_length, source=vocab_path)
+
+    @classmethod
+    def from_vocab(
+        cls,
+        vocab: dict[str, int],
+        config: dict[str, Any] | None = None,
+        max_length: int = MAX_LENGTH,
+        source="the vocabulary",
+    ) -> "PromptTokenizer":
+        """Build from {token: id} (see from_files for `config`)."""
+        config = config or {}
         special = {
             name: _token_text(config.get(name, default))
             for name, default in [
@@ -70,7 +82,7 @@ class PromptTokenizer:
             ]
         }
         tokenizer = tokenizers.BertWordPieceTokenizer(
-            read_vocab(vocab_path),
+            vocab,
             clean_text=True,
             handle_chinese_chars=config.get("tokenize_chinese_chars", True),
             strip_accents=config.get("strip_accents"),  # None: follow lowercasing, as BERT
@@ -79,7 +91,7 @@ class PromptTokenizer:
         )
         missing = [t for t in special.values() if tokenizer.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"special tokens {missing} are not in {vocab_path}")
+            raise ValueError(f"special tokens {missing} are not in {source}")
         pad_id = tokenizer.token_to_id(special["pad_token"])
         # The BertWordPieceTokenizer wrapper is only a builder; keep the core Tokenizer.
         core = tokenizers.Tokenizer.from_str(tokenizer.to_str())

@@ -19,10 +19,12 @@ from absl import logging
 from etils import epath
 
 from ddpm import (
+    autoencoder_job,
     checkpointing,
     eval_job,
     images,
     input_pipeline,
+    latent,
     samplers,
     sampling,
     updates,
@@ -33,8 +35,10 @@ from ddpm.factories import (
     create_model,
     create_optimizer,
     create_train_state,
+    latent_shape,
     learning_rate_schedule,
     state_from_params,
+    uses_text,
 )
 
 
@@ -132,11 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
     try:
         state, train_iter = _start(config, checkpointer)
         # Settings errors of sampling and FID also come before the first step.
-        model = create_model(config)
-        sampler = sampling.make_sampler(config, model)
-        training_fid = None
-        if config.training.fid_every:
-            training_fid = eval_job.training_fid(config, model, workdir)
+        task = _task(config, workdir)
     except BaseException:
         checkpointer.close()
         if created and jax.process_index() == 0:
@@ -146,7 +146,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.PathLik
         raise
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return _train(config, workdir, checkpointer, state, train_iter, sampler, training_fid)
+    return _train(config, workdir, checkpointer, state, train_iter, task)
+
+
+def _task(config, workdir) -> updates.Task:
+    model, tx = create_model(config), create_optimizer(config.optim)
+    if config.pipeline == "autoencoder":
+        return autoencoder_job.training_task(config, model, tx, workdir)
+    diffusion, frozen, inputs = create_diffusion(config), None, None
+    if config.pipeline == "latent":
+        frozen = latent.load_frozen(config, workdir, copy=True)
+        table = latent.prompt_table(config) if uses_text(config) else None
+        inputs = latent.TrainingInputs(frozen, latent_shape(config), table)
+    sampler = sampling.make_sampler(config, model, autoencoder=frozen)
+    sample_rng = jax.random.split(jax.random.key(config.seed), 3)[2]
+
+    def write_grid(state, step, logger):
+        write_sample_grid(config, sampler, state, sample_rng, step, workdir, logger)
+
+    return updates.Task(
+        make_step=lambda steps: updates.make_train_step(
+            config, model, diffusion, tx, steps=steps, latent_inputs=inputs
+        ),
+        frozen=None if frozen is None else frozen.params,
+        write_grid=write_grid,
+        training_fid=eval_job.training_fid(config, model, workdir, autoencoder=frozen)
+        if config.training.fid_every
+        else None,
+    )
 
 
 def _start(config, checkpointer):
@@ -184,40 +211,34 @@ def _start(config, checkpointer):
     return state, train_iter
 
 
-def _train(config, workdir, checkpointer, state, train_iter, sampler, training_fid):
-    """The train loop from `state` to training.num_train_steps; saves, logs and samples.
-
-    training_fid: None, or ema_params -> FID, called every training.fid_every steps.
-    """
-    model, diffusion, tx = (
-        create_model(config),
-        create_diffusion(config),
-        create_optimizer(config.optim),
-    )
-    _, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
+def _train(config, workdir, checkpointer, state, train_iter, task: updates.Task):
+    """The train loop from `state` to training.num_train_steps; saves, logs and samples."""
+    _, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
     start_step = int(state.step)
     state = updates.replicated(state)
-    p_train_step = updates.make_train_step(config, model, diffusion, tx)
+    frozen = None if task.frozen is None else updates.replicated(task.frozen)
+    p_train_step = task.make_step(1)
     per_dispatch = config.training.steps_per_dispatch
-    p_train_steps = updates.make_train_step(config, model, diffusion, tx, steps=per_dispatch)
+    p_train_steps = task.make_step(per_dispatch)
     logger = _Logger(workdir, config.training.num_train_steps)
     preemption = checkpointing.PreemptionFlag()
     num_steps = config.training.num_train_steps
     last_logged = start_step
-    fid_every = config.training.fid_every
+    fid_every, training_fid = config.training.fid_every, task.training_fid
     grid_every = config.training.sample_every if config.training.num_grid_samples else 0
     periods = (config.training.log_every, config.training.checkpoint_every, grid_every,
                fid_every if training_fid else 0)  # fmt: skip
     logging.info("Training from step %d to %d in %s", start_step, num_steps, workdir)
+    finished = False
     try:
         step, in_flight = start_step, None
         while step < num_steps:
             if (n := steps_in_next_call(step, per_dispatch, periods, num_steps)) > 1:
                 batches = updates.stack_steps([next(train_iter) for _ in range(n)])
-                state, metrics = p_train_steps(state, batches, train_rng)
+                state, metrics = p_train_steps(state, batches, train_rng, frozen)
                 step += n
             else:
-                state, metrics = p_train_step(state, next(train_iter), train_rng)
+                state, metrics = p_train_step(state, next(train_iter), train_rng, frozen)
                 step += 1
             # At most two calls queued: the host would otherwise run ahead to the next log
             # step, and a preemption signal would wait for all the steps queued until then.
@@ -231,7 +252,7 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
                 last_logged = step
             grid_due = step % config.training.sample_every == 0 or step == num_steps
             if config.training.num_grid_samples and grid_due:
-                write_sample_grid(config, sampler, state, sample_rng, step, workdir, logger)
+                task.write_grid(state, step, logger)
             if training_fid and (step % fid_every == 0 or step == num_steps):
                 value = training_fid(state.ema_params)
                 logging.info("step %d  FID %.3f (EMA, %d samples)", step, value,
@@ -245,10 +266,14 @@ def _train(config, workdir, checkpointer, state, train_iter, sampler, training_f
             if stopping:
                 logging.warning("Stopped at step %d after a signal; a restart resumes here.", step)
                 break
+        else:  # also when a restart finds the run done (a crash after its last save)
+            finished = True
     finally:
         checkpointer.close()
         logger.close()
         preemption.restore_handlers()
+    if finished and task.finish:  # after close(): the final checkpoint is on disk
+        task.finish(state)
     return state
 
 

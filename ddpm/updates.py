@@ -12,6 +12,8 @@ programs that only step a model import this module alone.
 """
 
 import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +53,8 @@ def ema_decay_at(step, ema_decay: float, warmup: bool):
 
 
 def train_step(
-    state: TrainState, batch, rng, *, model, diffusion, tx, ema_decay, ema_warmup=False,
-    label_dropout=0.0, low_res_max_level=0,
+    state: TrainState, batch, rng, frozen=None, *, model, diffusion, tx, ema_decay,
+    ema_warmup=False, label_dropout=0.0, low_res_max_level=0, latent_inputs=None,
 ):  # fmt: skip
     """One update on this device's share of the global batch (run under pmap 'batch').
 
@@ -61,11 +63,15 @@ def train_step(
       batch: {'image': uint8 [b, H, W, C], 'label': int32 [b]} (+ 'low_res' uint8
         [b, h, w, C] for super-resolution), this device's share.
       rng: the run's key; folded with the step, and per example with its global index.
+      frozen: params that the step uses but does not train (latent diffusion: the
+        autoencoder's), or None.
       ema_decay, ema_warmup: the EMA's decay, and whether it warms up (`ema_decay_at`).
       label_dropout: for a class-conditional model, the probability of training an
         example with the null label (classifier-free guidance).
       low_res_max_level: a noise-conditioned super-resolution model's largest
         augmentation level (super_resolution.training_inputs).
+      latent_inputs: None, or latent diffusion's (frozen, x, labels, step key, global
+        index) -> (latents, condition) (latent.TrainingInputs): the same math on latents.
     Returns:
       (new state, metrics averaged over all devices).
     """
@@ -77,9 +83,6 @@ def train_step(
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
         samplers.sample_keys(t_rng, global_index)
     )
-    noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
-        samplers.sample_keys(noise_rng, global_index)
-    )
     labels = None
     if model.num_classes:
         # Its own stream: fold_in leaves the t, noise and dropout keys as they were.
@@ -88,6 +91,11 @@ def train_step(
         labels = drop_labels(
             batch["label"], label_rng, global_index, rate=label_dropout, null_label=null
         )
+    if latent_inputs is not None:
+        x_start, labels = latent_inputs(frozen, x_start, labels, step_rng, global_index)
+    noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
+        samplers.sample_keys(noise_rng, global_index)
+    )
     dropout_keys = samplers.sample_keys(dropout_rng, global_index)
     # Super-resolution: batch['low_res'] (noised to random levels up to low_res_max_level).
     low_res = super_resolution.training_inputs(
@@ -109,7 +117,15 @@ def train_step(
 
         return jnp.mean(D.training_losses(diffusion, denoise_fn, x_start, t, noise)["loss"])
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return apply_gradients(state, jax.value_and_grad(loss_fn)(state.params), tx=tx,
+                           ema_decay=ema_decay, ema_warmup=ema_warmup)  # fmt: skip
+
+
+def apply_gradients(state: TrainState, loss_and_grads, *, tx, ema_decay, ema_warmup, extra=None):
+    """The update of a step from this device's (loss, grads): gradients averaged over
+    devices, the optimiser step and the EMA. Returns (new state, metrics averaged over all
+    devices, with `extra` {name: this device's value} added)."""
+    loss, grads = loss_and_grads
     grads = jax.lax.pmean(grads, "batch")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -117,6 +133,7 @@ def train_step(
     ema_params = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
     metrics = {
         "loss": jax.lax.pmean(loss, "batch"),
+        **{name: jax.lax.pmean(value, "batch") for name, value in (extra or {}).items()},
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
     }
@@ -139,13 +156,10 @@ def replicated(tree, devices=None):
     return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=sharding)(tree)
 
 
-def make_train_step(config, model, diffusion, tx, devices=None, steps=1):
-    """The pmap'd train step: (state, batch [devices, b, ...], rng) -> (state, metrics).
+def make_train_step(config, model, diffusion, tx, devices=None, steps=1, latent_inputs=None):
+    """The pmap'd train step: (state, batch [devices, b, ...], rng, frozen) -> (state, metrics).
 
-    steps > 1: `steps` updates in one call (training.steps_per_dispatch), scanned inside the
-    compiled function, on batches [devices, steps, b, ...] (`stack_steps`); the same
-    updates as `steps` single calls, with the last update's metrics. The state is donated:
-    its buffers are reused for the new one, so the caller must not use it afterwards.
+    frozen: latent diffusion's autoencoder params (latent_inputs), else None.
     """
     step = functools.partial(
         train_step,
@@ -156,22 +170,45 @@ def make_train_step(config, model, diffusion, tx, devices=None, steps=1):
         ema_warmup=config.training.ema_warmup,
         label_dropout=config.training.label_dropout,
         low_res_max_level=super_resolution.max_noise_level(config),
+        latent_inputs=latent_inputs,
     )
+    return pmap_step(step, devices, steps)
+
+
+def pmap_step(step, devices=None, steps=1):
+    """step (state, batch, rng, frozen) -> (state, metrics), run under pmap 'batch'.
+
+    steps > 1: `steps` updates in one call (training.steps_per_dispatch), scanned inside the
+    compiled function, on batches [devices, steps, b, ...] (`stack_steps`); the same
+    updates as `steps` single calls, with the last update's metrics. The state is donated:
+    its buffers are reused for the new one, so the caller must not use it afterwards.
+    """
     if steps > 1:
         single = step
         # XLA:CPU runs convolutions inside a loop without its fast kernels (17x slower per
         # step, measured on this U-Net): unrolled there; a loop elsewhere.
         unroll = (devices or jax.local_devices())[0].platform == "cpu"
 
-        def step(state, batches, rng):
-            body = lambda s, b: single(s, b, rng)  # noqa: E731
+        def step(state, batches, rng, frozen):
+            body = lambda s, b: single(s, b, rng, frozen)  # noqa: E731
             state, metrics = jax.lax.scan(body, state, batches, unroll=unroll)
             return state, jax.tree.map(lambda m: m[-1], metrics)
 
-    return jax.pmap(
-        step, axis_name="batch", in_axes=(None, 0, None), out_axes=None, devices=devices,
+    mapped = jax.pmap(
+        step, axis_name="batch", in_axes=(None, 0, None, None), out_axes=None, devices=devices,
         donate_argnums=0,
     )  # fmt: skip
+    return lambda state, batch, rng, frozen=None: mapped(state, batch, rng, frozen)
+
+
+class Task(NamedTuple):
+    """What the loop runs for config.pipeline: its step, grids, FID and last act."""
+
+    make_step: Callable  # steps per call -> (state, batches, rng, frozen) -> (state, metrics)
+    frozen: Any = None  # params the step takes but does not train (stage 2's autoencoder)
+    write_grid: Callable | None = None  # (state, step, logger) -> None
+    training_fid: Callable | None = None  # ema_params -> FID
+    finish: Callable | None = None  # state at num_train_steps -> None (stage 1's scale)
 
 
 def stack_steps(batches: list[dict]) -> dict:

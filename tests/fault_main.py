@@ -42,9 +42,9 @@ def patch_step():
     def make_faulty(*args, **kwargs):
         step_fn = make(*args, **kwargs)
 
-        def faulty(state, batch, rng):
+        def faulty(state, batch, rng, frozen=None):
             step = int(state.step) + 1
-            out = step_fn(state, batch, rng)  # dispatched asynchronously
+            out = step_fn(state, batch, rng, frozen)  # dispatched asynchronously
             if step == STEP and PHASE == "step":
                 fire(signal.SIGKILL)
             if step == STEP and PHASE in ("sigterm", "sigint2"):

@@ -142,7 +142,7 @@ def test_steps_per_dispatch_keeps_the_loops_data_order_and_saves(tmp_path, monke
     step folds each batch into the params exactly (integer sums, one rounding), so any
     reordering shows."""
 
-    def stand_in(state, batch, rng, **unused_kwargs):
+    def stand_in(state, batch, rng, frozen=None, **unused_kwargs):
         pixels = jax.lax.psum(jnp.sum(batch["image"].astype(jnp.int32)), "batch")
         mix = (pixels * (state.step + 1)).astype(jnp.float32)
         params = jax.tree.map(lambda p: 0.5 * p + mix, state.params)
@@ -199,7 +199,7 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once_and_stops(tmp_path, monkeyp
     monkeypatch.setattr(checkpointing.PreemptionFlag, "is_set", lambda self: True)
 
     def counting_step(*unused_args, **unused_kwargs):
-        return lambda state, batch, rng: (state.replace(step=state.step + 1), {})
+        return lambda state, batch, rng, frozen=None: (state.replace(step=state.step + 1), {})
 
     monkeypatch.setattr(updates, "make_train_step", counting_step)
     config = tiny.tiny_config({"training.checkpoint_every": 1, "training.num_grid_samples": 0})
