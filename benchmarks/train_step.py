@@ -13,11 +13,14 @@ The first step (JAX: compilation; torch: warm-up) and the second (JAX compiles a
 step returns the state with another sharding than it got) are timed on their own, then
 --steps steps as one window that ends by waiting for the device. The torch UNet2DModel is
 built from the same config and must have as many parameters as ours. --tiny shrinks the
-model for smoke runs. The JAX side takes what training runs from ddpm.factories and
+model for smoke runs; --set overrides config fields. For a latent diffusion config
+(configs/mnist_ldm.py) the JAX side times stage 2's step, each batch encoded by a freshly
+initialised autoencoder of the config's shape, and there is no torch peer. The JAX side takes what training runs from ddpm.factories and
 ddpm.updates, which import no TensorFlow (benchmarks/gpu.sh runs where there is none).
 """
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -33,7 +36,8 @@ sys.path.insert(0, str(REPO))  # `ddpm` and `configs` from this checkout, as mai
 RESULT = "RESULT "  # Prefix of the line on which a side hands its numbers to the parent.
 
 
-def load_config(path: str, tiny: bool, dtype: str):
+def load_config(path: str, tiny: bool, dtype: str, overrides=()):
+    """The config at `path`, with overrides 'section.field=value' (a Python literal) applied."""
     spec = importlib.util.spec_from_file_location("benchmark_config", REPO / path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,7 +46,30 @@ def load_config(path: str, tiny: bool, dtype: str):
     if tiny:  # Two levels of 32 channels at 16x16, for smoke runs.
         config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
         config.data.image_size = 16
+    for override in overrides:
+        key, _, value = override.partition("=")
+        section, field = key.split(".")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a plain string
+            pass
+        config[section][field] = value
     return config
+
+
+def latent_inputs(config, devices):
+    """(latent.TrainingInputs, the autoencoder's params on `devices`) for a latent config:
+    a freshly initialised autoencoder stands in for stage 1 (the work is the same)."""
+    import jax
+
+    from ddpm import factories, latent, updates
+
+    module = factories.create_autoencoder(config)
+    params = jax.jit(lambda: factories.init_params(config, module, jax.random.key(2)))()
+    table = latent.prompt_table(config) if factories.uses_text(config) else None
+    frozen = latent.Frozen(module, params, scale=1.0, step=0)
+    shape = factories.latent_shape(config)
+    return latent.TrainingInputs(frozen, shape, table), updates.replicated(params, devices)
 
 
 def peak_rss_mb() -> float:
@@ -96,7 +123,7 @@ def run_jax(args) -> dict:
 
     from ddpm import factories, updates
 
-    config = load_config(args.config, args.tiny, args.dtype)
+    config = load_config(args.config, args.tiny, args.dtype, args.set)
     devices = jax.local_devices()
     if args.batch % len(devices):
         raise SystemExit(f"--batch {args.batch} is not divisible by {len(devices)} devices")
@@ -107,7 +134,9 @@ def run_jax(args) -> dict:
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     print(f"jax: {params:,} parameters on {len(devices)} x {devices[0].device_kind}")
     k = args.steps_per_dispatch
-    p_train_step = updates.make_train_step(config, model, diffusion, tx, devices, steps=k)
+    inputs, frozen = latent_inputs(config, devices) if config.pipeline == "latent" else (None,) * 2
+    p_train_step = updates.make_train_step(config, model, diffusion, tx, devices, steps=k,
+                                           latent_inputs=inputs)  # fmt: skip
 
     size, channels = config.data.image_size, config.data.num_channels
     shape = (len(devices), args.batch // len(devices))
@@ -123,7 +152,7 @@ def run_jax(args) -> dict:
     def run_steps(n):
         nonlocal state, metrics
         for _ in range(n // k):
-            state, metrics = p_train_step(state, batch, rng)
+            state, metrics = p_train_step(state, batch, rng, frozen)
 
     wait = lambda: jax.block_until_ready((state, metrics))  # noqa: E731
     timing = measure(run_steps, wait, args.steps, per_call=k)
@@ -211,6 +240,7 @@ def run_side(python: str, side: str, args, spec=None) -> dict:
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
     cmd += ["--steps-per-dispatch", str(args.steps_per_dispatch)]
     cmd += ["--tiny"] * args.tiny + ["--torch-compile"] * args.torch_compile
+    cmd += [f"--set={override}" for override in args.set]
     cmd += ["--spec", json.dumps(spec)] if spec else []
     return run_result(cmd, side)
 
@@ -230,7 +260,7 @@ def run_result(cmd: list[str], side: str) -> dict:
 
 def torch_spec(args) -> dict:
     """What the torch side needs from the config (it cannot import ml_collections or ddpm)."""
-    config = load_config(args.config, args.tiny, args.dtype)
+    config = load_config(args.config, args.tiny, args.dtype, args.set)
     if config.diffusion.schedule != "linear" or config.diffusion.loss_type != "mse":
         raise SystemExit("the torch peer implements the linear schedule and L_simple only")
     o = config.optim
@@ -300,6 +330,10 @@ def main():
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--tiny", action="store_true", help="a small model, for smoke runs")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="a config override (repeatable), e.g. --set data.image_size=16",
+    )  # fmt: skip
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -314,7 +348,8 @@ def main():
 
     torch_python = REPO / args.torch_python
     torch_python = str(torch_python) if torch_python.exists() else args.torch_python
-    spec = torch_spec(args) if has_torch(torch_python) else None  # Its errors come first.
+    pixel = load_config(args.config, args.tiny, args.dtype, args.set).pipeline == "pixel"
+    spec = torch_spec(args) if pixel and has_torch(torch_python) else None  # Errors first.
     results = {"jax": run_side(sys.executable, "jax", args), "torch": None, "ratio": None}
     if args.config == "configs/cifar.py" and not args.tiny:
         assert results["jax"]["params"] == CIFAR10_PARAMS, results["jax"]["params"]
@@ -322,11 +357,14 @@ def main():
         spec["expect_params"] = results["jax"]["params"]
         results["torch"] = run_side(torch_python, "torch", args, spec)
         results["ratio"] = results["jax"]["images_per_s"] / results["torch"]["images_per_s"]
+    elif not pixel:
+        print("note: the torch peer is a pixel-space UNet2DModel; torch side skipped")
     else:
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
     report(results, args)
     if args.json:
-        keys = ("config", "batch", "steps", "dtype", "steps_per_dispatch", "torch_compile", "tiny")
+        keys = ("config", "set", "batch", "steps", "dtype", "steps_per_dispatch",
+                "torch_compile", "tiny")  # fmt: skip
         settings = {k: getattr(args, k) for k in keys}
         pathlib.Path(args.json).write_text(json.dumps({**settings, **results}, indent=2) + "\n")
 

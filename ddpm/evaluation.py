@@ -69,6 +69,8 @@ def sampler_name(config) -> str:
     if config.model.get("num_classes"):
         labels = str(c.labels).strip()
         labels = "labels" + labels.replace(",", "-") if labels else "balanced"
+        if str(c.get("prompt", "")).strip():  # a latent model told prompts (in the digest)
+            labels = "prompts"
         name += f"_w{float(c.guidance_scale)}_{labels}"
     return name
 

@@ -81,10 +81,8 @@ def make_tokenizer(config):
     from ddpm.text_tokenizer import PromptTokenizer
 
     split = tokenizers.pre_tokenizers.BertPreTokenizer()
-    words = {
-        w for row in prompt_texts(config) for text in row for w, _ in split.pre_tokenize_str(
-            text.lower())
-    }  # fmt: skip
+    texts = [text.lower() for row in prompt_texts(config) for text in row]
+    words = {word for text in texts for word, _ in split.pre_tokenize_str(text)}
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(words)])}
     if len(vocab) > config.text_encoder.vocab_size:
         raise ValueError(
@@ -170,7 +168,8 @@ def load_frozen(config, workdir, *, copy: bool = False) -> Frozen:
     )
     target = epath.Path(workdir) / FROZEN_DIR
     abstract = {"params": abstract_params, "scale": jax.ShapeDtypeStruct((), jnp.float32)}
-    if (target / checkpointing.CHECKPOINT_DIR).exists() or not copy:
+    # Agreed: a process that looked after another began the copy would read it half-made.
+    if checkpointing.agreed((target / checkpointing.CHECKPOINT_DIR).exists()) or not copy:
         how = "train this config (its start copies latent.autoencoder here)"
         saved, step = checkpointing.restore_newest_in(target, abstract, how_to_make_one=how)
         return Frozen(module, saved["params"], float(saved["scale"]), step)
