@@ -15,8 +15,9 @@ step returns the state with another sharding than it got) are timed on their own
 built from the same config and must have as many parameters as ours. --tiny shrinks the
 model for smoke runs; --set overrides config fields. For a latent diffusion config
 (configs/mnist_ldm.py) the JAX side times stage 2's step, each batch encoded by a freshly
-initialised autoencoder of the config's shape, and there is no torch peer. The JAX side takes what training runs from ddpm.factories and
-ddpm.updates, which import no TensorFlow (benchmarks/gpu.sh runs where there is none).
+initialised autoencoder of the config's shape, and there is no torch peer. The JAX side
+takes what training runs from ddpm.factories and ddpm.updates, which import no TensorFlow
+(benchmarks/gpu.sh runs where there is none).
 """
 
 import argparse
