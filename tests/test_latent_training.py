@@ -1,7 +1,9 @@
 """Latent diffusion trained in two stages: the autoencoder (stage 1) and a label- or
 prompt-conditioned diffusion model of its latents (stage 2), on 8 fake CPU devices."""
 
+import copy
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -249,35 +251,43 @@ def test_stage_one_resumes_exactly(stage1, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_stage_two_resumes_exactly_from_its_own_copy_of_the_autoencoder(stage1, tmp_path):
-    data, stage1_dir, stage1_state = stage1
+@pytest.fixture(scope="module")
+def stage2(stage1, tmp_path_factory):
+    """(config, a prompt-conditioned stage-2 workdir trained for 4 steps, its final state)."""
+    data, stage1_dir, _ = stage1
     config = ldm_config(data, stage1_dir, {"latent.condition": "text"})
-    whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
-    copy = latent.load_frozen(config, tmp_path / "whole")
-    assert copy.step == 4
+    workdir = tmp_path_factory.mktemp("latent")
+    return config, workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def test_stage_two_resumes_exactly_from_its_own_copy_of_the_autoencoder(stage1, stage2, tmp_path):
+    _, stage1_dir, stage1_state = stage1
+    config, workdir, whole = stage2
+    assert (workdir / "samples" / "step_00000004.png").exists()
+    kept = latent.load_frozen(config, workdir)
+    assert kept.step == 4
     scale = json.loads((stage1_dir / latent.SCALE_FILE).read_text())["scale_factor"]
-    assert copy.scale == pytest.approx(scale, rel=1e-7)
-    for a, b in zip(jax.tree.leaves(copy.params), jax.tree.leaves(stage1_state.ema_params),
+    assert kept.scale == pytest.approx(scale, rel=1e-7)
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(stage1_state.ema_params),
                     strict=True):  # fmt: skip
         np.testing.assert_array_equal(a, b)
-    config.training.num_train_steps = 2
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    config = ldm_config(config.data.path, stage1_dir, {
+        "latent.condition": "text", "training.num_train_steps": 2,
+        "training.num_grid_samples": 0})  # fmt: skip
+    train.train_and_evaluate(config, str(tmp_path))
     config.training.num_train_steps = 4
     config.latent.autoencoder = str(tmp_path / "gone")  # the resume reads its copy only
-    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    resumed = train.train_and_evaluate(config, str(tmp_path))
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert (tmp_path / "whole" / "samples" / "step_00000004.png").exists()
 
 
-def test_latent_samples_are_decoded_and_scored(stage1, tmp_path, monkeypatch):
+def test_latent_samples_are_decoded_and_scored(stage2, monkeypatch):
     """--mode=sample with a prompt and --mode=eval: samples are the decoder's images of the
     sampled latents (divided by the scale); FID is of those images."""
     monkeypatch.setattr(evaluation, "FeatureExtractor", PixelFeatures)
-    data, stage1_dir, _ = stage1
-    config = ldm_config(data, stage1_dir, {"latent.condition": "text",
-                                           "training.num_grid_samples": 0})  # fmt: skip
-    train.train_and_evaluate(config, str(tmp_path))
+    config, tmp_path, _ = stage2
+    config = copy.deepcopy(config)
     config.sampling.update(prompt="the digit one", num_samples=8)
     samples = evaluation.sample(config, tmp_path)
     (saved,) = tmp_path.glob("samples_step4_*/samples.npz")
@@ -354,10 +364,10 @@ def test_stage_two_settings_fail_before_training(stage1, tmp_path, overrides, me
 
 
 def test_stage_two_needs_the_scale_of_a_finished_autoencoder(stage1, tmp_path):
-    data, _, _ = stage1
-    train.train_and_evaluate(ae_config(data, {"training.num_train_steps": 2}), str(tmp_path / "ae"))
+    data, stage1_dir, _ = stage1
+    shutil.copytree(stage1_dir, tmp_path / "ae")
     (tmp_path / "ae" / latent.SCALE_FILE).unlink()  # as a run preempted before its end
-    with pytest.raises(ValueError, match="has no latent scale for its checkpoint 2"):
+    with pytest.raises(ValueError, match="has no latent scale for its checkpoint 4"):
         train.train_and_evaluate(ldm_config(data, tmp_path / "ae"), str(tmp_path / "ldm"))
     with pytest.raises(ValueError, match="a latent model's bound is on latents"):
         eval_job.check_inputs(ldm_config(data, overrides={"eval.bpd_split": "test"}))
