@@ -50,10 +50,12 @@ def reconstruction_error(x, reconstruction, kind: str) -> jax.Array:
     return error.reshape(error.shape[0], -1).sum(axis=1)
 
 
-def posterior_noise(rng, global_index, shape) -> jax.Array:
-    """Standard normal [b, *shape], example i's from fold_in(rng, global index i)."""
-    keys = samplers.sample_keys(rng, global_index)
-    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+def posterior_sample(model: AutoencoderKL, params, x, rng, global_index):
+    """(z, (mean, logvar)) for images x in [-1, 1]: z = mean + std * noise, example i's noise
+    drawn from fold_in(rng, global index i)."""
+    mean, logvar = model.apply({"params": params}, x, method=AutoencoderKL.encode)
+    noise = samplers.per_example(rng, global_index, lambda k: jax.random.normal(k, mean.shape[1:]))
+    return gaussian_sample(mean, logvar, noise), (mean, logvar)
 
 
 def train_step(state, batch, rng, frozen=None, *, model: AutoencoderKL, tx, ema_decay,
@@ -69,8 +71,7 @@ def train_step(state, batch, rng, frozen=None, *, model: AutoencoderKL, tx, ema_
     step_rng = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-        mean, logvar = model.apply({"params": params}, x, method=AutoencoderKL.encode)
-        z = gaussian_sample(mean, logvar, posterior_noise(step_rng, global_index, mean.shape[1:]))
+        z, (mean, logvar) = posterior_sample(model, params, x, step_rng, global_index)
         reconstruction = model.apply({"params": params}, z, method=AutoencoderKL.decode)
         error = reconstruction_error(x, reconstruction, loss)
         kl = gaussian_kl_to_standard_normal(mean, logvar)
@@ -120,9 +121,7 @@ def latent_scale(config, model: AutoencoderKL, params) -> tuple[float, int]:
     rng = jax.random.fold_in(jax.random.key(config.seed), SCALE_PURPOSE)
 
     def sample(params, x, index):
-        mean, logvar = model.apply({"params": params}, images.to_model_range(x),
-                                   method=AutoencoderKL.encode)  # fmt: skip
-        return gaussian_sample(mean, logvar, posterior_noise(rng, index, mean.shape[1:]))
+        return posterior_sample(model, params, images.to_model_range(x), rng, index)[0]
 
     mapped = sampling.over_devices(sample, num_replicated=1)
     z = np.concatenate([
@@ -190,9 +189,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     extractor = evaluation.FeatureExtractor(config.eval.inception_weights, workdir / "inception")
     reference = evaluation.reference_statistics(config, extractor, workdir)
     for name, batch in (("fid", recon), ("fid_of_originals", originals)):
-        stats = fid.RunningStatistics(2048)
-        stats.update(extractor(batch)[0])
-        results[name] = fid.frechet_distance(*stats.mean_and_covariance(), *reference)
+        statistics = fid.feature_statistics(extractor(batch)[0])
+        results[name] = fid.frechet_distance(*statistics, *reference)
     if config.eval.class_accuracy:
         num_classes = int(labels.max()) + 1
         scorer = evaluation.load_or_train_classifier(config, workdir, num_classes=num_classes)

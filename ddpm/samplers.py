@@ -29,6 +29,12 @@ def sample_keys(rng, indices) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.asarray(indices))
 
 
+def per_example(rng, indices, draw):
+    """draw(key) for key = fold_in(rng, i) of each global index i [n]: one random choice per
+    example, the same however the examples are split over devices."""
+    return jax.vmap(draw)(sample_keys(rng, indices))
+
+
 def normal_per_example(keys, shape, data):
     """Standard normal noise [B, *shape], row i drawn from fold_in(keys[i], data)."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, data), shape))(keys)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from ddpm import diffusion as D
-from ddpm import images
+from ddpm import images, samplers
 from ddpm.metrics import sr
 
 # fold_in purpose of a training step's key for the augmentation (label dropout uses 3).
@@ -88,12 +88,6 @@ def noised_low_res(d: D.Diffusion, low_res, levels, noise) -> jax.Array:
     return jnp.where((levels > 0)[:, None, None, None], noisy, low_res)
 
 
-def _per_example(rng, global_index, draw):
-    """draw(key) for key = fold_in(rng, i) of each global index i: independent of devices."""
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_index)
-    return jax.vmap(draw)(keys)
-
-
 def training_inputs(model, d: D.Diffusion, batch, step_rng, global_index, max_level) -> dict:
     """The low-res keyword inputs of model.apply in a train step ({} for other models).
 
@@ -107,10 +101,12 @@ def training_inputs(model, d: D.Diffusion, batch, step_rng, global_index, max_le
     if not model.low_res_noise_conditioned:
         return {"low_res": low_res}
     level_rng, noise_rng = jax.random.split(jax.random.fold_in(step_rng, LOW_RES_NOISE_PURPOSE))
-    levels = _per_example(
+    levels = samplers.per_example(
         level_rng, global_index, lambda k: jax.random.randint(k, (), 0, max_level + 1)
     )
-    noise = _per_example(noise_rng, global_index, lambda k: jax.random.normal(k, low_res.shape[1:]))
+    noise = samplers.per_example(
+        noise_rng, global_index, lambda k: jax.random.normal(k, low_res.shape[1:])
+    )
     return {"low_res": noised_low_res(d, low_res, levels, noise), "low_res_level": levels}
 
 

@@ -80,8 +80,8 @@ def train_step(
     step_rng = jax.random.fold_in(rng, state.step)
     t_rng, noise_rng, dropout_rng = jax.random.split(step_rng, 3)
     x_start = images.to_model_range(batch["image"])
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps))(
-        samplers.sample_keys(t_rng, global_index)
+    t = samplers.per_example(
+        t_rng, global_index, lambda k: jax.random.randint(k, (), 0, diffusion.num_timesteps)
     )
     labels = None
     if model.num_classes:
@@ -93,8 +93,8 @@ def train_step(
         )
     if latent_inputs is not None:
         x_start, labels = latent_inputs(frozen, x_start, labels, step_rng, global_index)
-    noise = jax.vmap(lambda k: jax.random.normal(k, x_start.shape[1:]))(
-        samplers.sample_keys(noise_rng, global_index)
+    noise = samplers.per_example(
+        noise_rng, global_index, lambda k: jax.random.normal(k, x_start.shape[1:])
     )
     dropout_keys = samplers.sample_keys(dropout_rng, global_index)
     # Super-resolution: batch['low_res'] (noised to random levels up to low_res_max_level).
