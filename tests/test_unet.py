@@ -2,13 +2,14 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from ddpm.models.unet import UNet, timestep_embedding
+from ddpm.models.unet import GroupNorm, UNet, UpsampleConv, timestep_embedding
 
 # One small class-conditional model with dropout serves most tests, so that only a few
 # programs are compiled (XLA CPU compiles dominate this file's runtime).
@@ -238,3 +239,84 @@ def test_bad_class_label_shape():
     x, t = tiny_batch()
     with pytest.raises(ValueError, match=r"y must have shape \[2\]"):
         jax.eval_shape(lambda: model.init(key(0), x, t, jnp.zeros((3,), jnp.int32), train=False))
+
+
+def numpy_group_norm(x, scale, bias, groups, eps):
+    """float64 GroupNorm of x [B, H, W, C] from its definition (Wu & He 2018, eq. 1-3)."""
+    b, h, w, c = x.shape
+    xg = np.asarray(x, np.float64).reshape(b, h * w, groups, c // groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    return ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+def test_group_norm_matches_float64_definition_and_flax_gradients():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 5, 6, 64)) * rng.uniform(0.5, 3, 64) + rng.uniform(-2, 2, 64)
+    x = jnp.asarray(x, jnp.float32)
+    params = {"scale": 1 + 0.2 * rng.standard_normal(64), "bias": 0.3 * rng.standard_normal(64)}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    ours, flax_gn = GroupNorm(32, 1e-6), nn.GroupNorm(num_groups=32, epsilon=1e-6)
+    y = ours.apply({"params": params}, x)
+    expected = numpy_group_norm(x, params["scale"], params["bias"], 32, 1e-6)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)
+    # Gradients against flax's nn.GroupNorm (an independent implementation of the same
+    # function), for a loss that weights every output differently.
+    weights = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def grads(module):
+        loss = lambda p, x: jnp.sum(module.apply({"params": p}, x) * weights)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    for got, want in zip(
+        jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_gn)), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # bf16 compute: statistics in float32, output in bf16 (within bf16 rounding, 2**-8).
+    y16 = GroupNorm(32, 1e-6, dtype=jnp.bfloat16).apply({"params": params}, x)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y16, np.float32), expected, rtol=8e-3, atol=8e-3)
+    with pytest.raises(ValueError, match="64 channels do not split into 24 groups"):
+        GroupNorm(24, 1e-6).init(key(0), x)
+
+
+def numpy_upsample_conv(x, kernel, bias, g):
+    """float64 nearest 2x upsampling then 'SAME' 3x3 correlation, and the gradients of
+    sum(y * g) with respect to x, kernel and bias, by explicit shifted sums."""
+    x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+    n, h, w, _ = x.shape
+    padded = np.pad(x.repeat(2, axis=1).repeat(2, axis=2), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    window = lambda a, i, j: a[:, i : i + 2 * h, j : j + 2 * w]  # noqa: E731
+    y = sum(window(padded, i, j) @ kernel[i, j] for i in range(3) for j in range(3)) + bias
+    d_kernel = np.stack([
+        np.stack([np.einsum("nhwc,nhwo->co", window(padded, i, j), g) for j in range(3)])
+        for i in range(3)
+    ])  # fmt: skip
+    d_padded = np.zeros_like(padded)
+    for i in range(3):
+        for j in range(3):
+            window(d_padded, i, j)[...] += g @ kernel[i, j].T
+    d_x = d_padded[:, 1:-1, 1:-1].reshape(n, h, 2, w, 2, -1).sum(axis=(2, 4))
+    return y, d_x, d_kernel, g.sum(axis=(0, 1, 2))
+
+
+def test_upsample_conv_matches_conv_of_nearest_upsampling_in_float64():
+    """UpsampleConv's four 2x2 phase convolutions equal a 3x3 conv of the 2x nearest
+    upsampled input, forward and backward, to float32 rounding (1e-5 relative)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 3, 5, 8)), jnp.float32)  # odd, non-square
+    params = {
+        "kernel": jnp.asarray(rng.standard_normal((3, 3, 8, 6)) / 8, jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal(6), jnp.float32),
+    }
+    g = jnp.asarray(rng.standard_normal((2, 6, 10, 6)), jnp.float32)
+    module = UpsampleConv(6)
+    assert jax.tree.map(jnp.shape, module.init(key(0), x)["params"]) == {
+        "kernel": (3, 3, 8, 6),
+        "bias": (6,),
+    }
+    y, vjp = jax.vjp(lambda p, x: module.apply({"params": p}, x), params, x)
+    d_params, d_x = vjp(g)
+    want = numpy_upsample_conv(x, params["kernel"], params["bias"], g)
+    for got, expected in zip((y, d_x, d_params["kernel"], d_params["bias"]), want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

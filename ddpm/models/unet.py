@@ -59,13 +59,48 @@ def timestep_embedding(
     return jnp.concatenate(parts, axis=1)
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation of x [B, ..., C] over all positions and the channels of a group.
+
+    The same function and parameters (`scale`, `bias`) as nn.GroupNorm: statistics in
+    float32 even under bf16 compute, var = E[x^2] - E[x]^2, y = (x - mean) * rsqrt(var +
+    eps) * scale + bias, in `dtype`. The sums run per channel over the positions first and
+    over the channels of a group after: on XLA:CPU the forward pass runs 2.5-3x faster than
+    nn.GroupNorm's single reduction over (positions, channels of a group), the gradient
+    1-1.7x (CIFAR-10 shapes). The positions stay separate axes: summed over one merged
+    axis, the backward pass's reductions ran up to 70x slower inside the train step.
+    """
+
+    num_groups: int
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, channels, groups = x.shape[0], x.shape[-1], self.num_groups
+        if channels % groups:
+            raise ValueError(f"{channels} channels do not split into {groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+        bias = self.param("bias", zeros, (channels,), self.param_dtype)
+        h = x.astype(jnp.float32)
+        positions = tuple(range(1, x.ndim - 1))
+        count = math.prod(x.shape[1:-1]) * (channels // groups)
+
+        def per_channel_group_mean(v):  # [B, ..., C] -> [B, 1.., C]: each channel its group's
+            group = jnp.sum(v, axis=positions).reshape(batch, groups, -1).sum(axis=-1) / count
+            return jnp.expand_dims(jnp.repeat(group, channels // groups, axis=1), positions)
+
+        mean = per_channel_group_mean(h)
+        var = jnp.maximum(per_channel_group_mean(h * h) - mean * mean, 0.0)
+        h = (h - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return h.astype(self.dtype)
+
+
 def group_norm(
     name: str, dtype: Dtype, param_dtype: Dtype, num_groups: int = NUM_GROUPS, eps=NORM_EPS
-) -> nn.GroupNorm:
-    # Flax computes the group statistics in float32 even when dtype is bf16.
-    return nn.GroupNorm(
-        num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name
-    )
+) -> GroupNorm:
+    return GroupNorm(num_groups, eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="SAME", init=None):
@@ -170,8 +205,59 @@ class Downsample(nn.Module):
         )
 
 
+def _phase_taps(kernel: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The 2-tap kernels, along `axis` of a 3-tap one [w0, w1, w2], that a 3-tap 'SAME'
+    correlation of a nearest-neighbour 2x upsampled signal applies to the signal itself:
+    even outputs 2i see x[i-1], x[i], x[i] ([w0, w1 + w2] at offsets -1, 0), odd outputs
+    2i+1 see x[i], x[i], x[i+1] ([w0 + w1, w2] at offsets 0, +1)."""
+    w0, w1, w2 = (jax.lax.index_in_dim(kernel, i, axis) for i in range(3))
+    return jnp.concatenate([w0, w1 + w2], axis), jnp.concatenate([w0 + w1, w2], axis)
+
+
+class UpsampleConv(nn.Module):
+    """conv3x3('SAME') of the nearest-neighbour 2x upsampling of x, without upsampling x.
+
+    Each output phase (row parity p, column parity q) is a 2x2 convolution of x with the
+    3x3 kernel's taps summed (`_phase_taps`): 4 multiply-adds per output pixel and channel
+    instead of 9, in both directions of autodiff, and no 4x larger input to hold. Its
+    parameters are nn.Conv's (`kernel` [3, 3, C_in, C_out], `bias`), so it is a drop-in
+    for nn.Conv on the upsampled input; the outputs agree to float32 rounding.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        kernel = self.param(
+            "kernel", default_init, (3, 3, channels, self.features), self.param_dtype
+        )
+        bias = self.param("bias", zeros, (self.features,), self.param_dtype)
+        x, bias = nn.dtypes.promote_dtype(x, bias, dtype=self.dtype)
+        phases = []
+        for p, rows in enumerate(_phase_taps(kernel, 0)):
+            for q, taps in enumerate(_phase_taps(rows, 1)):
+                phases.append(
+                    jax.lax.conv_general_dilated(
+                        x,
+                        taps.astype(x.dtype),
+                        window_strides=(1, 1),
+                        padding=((1 - p, p), (1 - q, q)),
+                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    )
+                )
+        # [p, q, B, H, W, C] -> [B, H, p, W, q, C] -> [B, 2H, 2W, C]: out[2i+p, 2j+q].
+        y = jnp.stack(phases).reshape(2, 2, batch, height, width, self.features)
+        y = y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, 2 * height, 2 * width, self.features)
+        return y + bias
+
+
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour, then conv3x3. [B,H,W,C] -> [B,2H,2W,C]."""
+    """Double H and W: nearest-neighbour, then conv3x3. [B,H,W,C] -> [B,2H,2W,C].
+
+    With the conv, both run as one `UpsampleConv`."""
 
     with_conv: bool
     dtype: Dtype = jnp.float32
@@ -179,10 +265,9 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         if self.with_conv:
-            x = conv(x.shape[-1], "conv", self.dtype, self.param_dtype)(x)
-        return x
+            return UpsampleConv(x.shape[-1], self.dtype, self.param_dtype, name="conv")(x)
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def check_images_and_timesteps(x, t, ch_mult: tuple[int, ...], what: str = "image") -> None:
