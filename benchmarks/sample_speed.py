@@ -10,7 +10,7 @@ on random weights, and reports seconds per step, steps/s and the samples/s that 
 T-step ancestral chain gives. The torch peer, in --torch-python (skipped, with a note, if
 that lacks torch or diffusers), runs DDPMPipeline with as many steps on a UNet2DModel of
 the same architecture (the parameter counts must agree): one untimed chain, one timed,
-per batch. The JAX side imports no TensorFlow (sampling.make_sampler is what
+per batch. --set overrides config fields on both sides, as in train_step.py. The JAX side imports no TensorFlow (sampling.make_sampler is what
 --mode=sample draws with, without the jobs around it), so it runs where only JAX is.
 """
 
@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from train_step import (  # noqa: E402
     RESULT,
+    add_set_argument,
     has_torch,
     load_config,
     run_result,
@@ -49,7 +50,7 @@ def run_jax(args) -> dict:
 
     from ddpm import factories, samplers, sampling
 
-    config = load_config(args.config, tiny=args.tiny, dtype=args.dtype)
+    config = load_config(args.config, args.tiny, args.dtype, args.set)
     config.sampling.update(method="ddpm", num_steps=args.steps)
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
     state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
@@ -85,7 +86,7 @@ def run_torch(args, spec) -> dict:
     return dict(device=device, params=params, runs=runs)
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/cifar.py")
     parser.add_argument("--batch", type=int, nargs="+", default=[4], help="global batch sizes")
@@ -95,8 +96,13 @@ def main():
     parser.add_argument("--torch-python", default=".venv-tools/bin/python")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--side", choices=("torch",), help=argparse.SUPPRESS)
+    add_set_argument(parser)
     parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if args.side:
         print(RESULT + json.dumps(run_torch(args, args.spec)))
         return

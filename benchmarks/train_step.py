@@ -58,6 +58,14 @@ def load_config(path: str, tiny: bool, dtype: str, overrides=()):
     return config
 
 
+def add_set_argument(parser) -> None:
+    """--set, the overrides that load_config applies (args.set); torch_spec reads them too."""
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="a config override (repeatable), e.g. --set data.image_size=16",
+    )  # fmt: skip
+
+
 def latent_inputs(config, devices):
     """(latent.TrainingInputs, the autoencoder's params on `devices`) for a latent config:
     a freshly initialised autoencoder stands in for stage 1 (the work is the same)."""
@@ -331,10 +339,7 @@ def main():
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--tiny", action="store_true", help="a small model, for smoke runs")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="a config override (repeatable), e.g. --set data.image_size=16",
-    )  # fmt: skip
+    add_set_argument(parser)
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
