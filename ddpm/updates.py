@@ -103,29 +103,14 @@ def train_step(
     )
 
     def loss_fn(params):
-        def denoise(x_t, model_t, label, low_res, rngs):
-            return model.apply({"params": params}, x_t, model_t, label, train=True, rngs=rngs,
-                               **low_res)  # fmt: skip
-
-        def denoise_one(x_t, model_t, label, dropout_key, low_res):
-            """One example: its dropout masks come from its own key, as its t and noise do."""
-            batch_of_one = jax.tree.map(lambda a: a[None], (x_t, model_t, label, low_res))
-            return denoise(*batch_of_one, {"dropout": dropout_key})[0]
-
         def denoise_fn(x_t, model_t):
-            if _dropout_rate(model) == 0.0:  # nothing random inside: one batched call (faster)
-                return denoise(x_t, model_t, labels, low_res, {})
-            return jax.vmap(denoise_one)(x_t, model_t, labels, dropout_keys, low_res)
+            return model.apply({"params": params}, x_t, model_t, labels, train=True,
+                               dropout_keys=dropout_keys, **low_res)  # fmt: skip
 
         return jnp.mean(D.training_losses(diffusion, denoise_fn, x_start, t, noise)["loss"])
 
     return apply_gradients(state, jax.value_and_grad(loss_fn)(state.params), tx=tx,
                            ema_decay=ema_decay, ema_warmup=ema_warmup)  # fmt: skip
-
-
-def _dropout_rate(model) -> float:
-    """The dropout rate of the model's residual blocks (a latent denoiser's: its U-Net's)."""
-    return getattr(getattr(model, "unet", model), "dropout", 0.0)
 
 
 def apply_gradients(state: TrainState, loss_and_grads, *, tx, ema_decay, ema_warmup, extra=None):

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from ddpm.models import unet
 from ddpm.models.unet import GroupNorm, UNet, UpsampleConv, timestep_embedding
 
 # One small class-conditional model with dropout serves most tests, so that only a few
@@ -130,6 +131,30 @@ def test_dropout_acts_only_when_training(tiny):
     np.testing.assert_array_equal(run(True, 1), run(True, 1))
     assert np.abs(run(True, 1) - eval_out).max() > 1e-2
     assert np.abs(run(True, 1) - run(True, 2)).max() > 1e-2
+
+
+def test_dropout_keys_give_each_example_its_own_masks(tiny):
+    """With dropout_keys, example b's output depends on dropout_keys[b] alone: the same in
+    a batch of one as next to another example, and different under another key."""
+    apply, x, t = tiny["apply"], tiny["x"], tiny["t"]
+    variables = {"params": tiny["random_params"]}
+    keys = jax.random.split(jax.random.key(3), 2)  # threefry: vmap of rbg draws is not a loop
+
+    def run(x, t, keys):
+        return np.asarray(apply(variables, x, t, train=True, dropout_keys=keys))
+
+    both = run(x, t, keys)
+    np.testing.assert_allclose(both[1:], run(x[1:], t[1:], keys[1:]), rtol=1e-5, atol=1e-5)
+    swapped = run(x[::-1], t[::-1], keys[::-1])[::-1]  # each example keeps its key
+    np.testing.assert_allclose(both, swapped, rtol=1e-5, atol=1e-5)
+    other = run(x, t, jax.random.split(jax.random.key(4), 2))
+    assert np.abs(both - other).max() > 1e-2
+    assert np.abs(both - np.asarray(apply(variables, x, t, train=False))).max() > 1e-2
+    # The rate, and the inverted scaling: 0.3 of the entries are zeroed, the rest / 0.7.
+    h = jnp.ones((64, 8, 8, 32))
+    dropped = unet.per_example_dropout(h, 0.3, jax.random.split(jax.random.key(5), 64), salt=7)
+    assert abs(float(jnp.mean(dropped == 0)) - 0.3) < 0.01
+    np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / 0.7], rtol=1e-6)
 
 
 def test_class_conditioning_defaults_to_the_no_class_index(tiny):

@@ -97,14 +97,23 @@ class CondUNet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        context: jax.Array,
+        *,
+        train: bool,
+        dropout_keys: jax.Array | None = None,
+    ) -> jax.Array:
         """Predict eps for noisy latents, conditioned on a sequence (text encoder states).
 
         Args:
           x: [B, h, w, C_in] noisy latents; h, w divisible by 2**(len(ch_mult)-1).
           t: [B] timesteps in {0, ..., T-1}.
           context: [B, L, context_dim] conditioning sequence (e.g. LDMBert's last states).
-          train: enables dropout (needs a 'dropout' rng).
+          train: enables dropout.
+          dropout_keys: [B] keys, one per example, or None (as UNet.__call__'s).
 
         Returns:
           [B, h, w, out_channels] float32.
@@ -122,7 +131,7 @@ class CondUNet(nn.Module):
             block = ResnetBlock(
                 out_ch, self.dropout, dt, pdt, self.num_groups, self.norm_eps, name=name
             )
-            return block(h, temb, train=train)
+            return block(h, temb, train=train, dropout_keys=dropout_keys)
 
         def transformer(h, name):
             return SpatialTransformer(

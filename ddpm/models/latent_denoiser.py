@@ -30,11 +30,20 @@ class LatentDenoiser(nn.Module):
     low_res_conditioned: ClassVar[bool] = False  # no super-resolution inputs (the train step)
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, train: bool) -> jax.Array:
-        """x [B, h, w, c] noisy latents, t [B], y labels [B] or token ids [B, L] -> [B, h, w, c]."""
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: jax.Array,
+        *,
+        train: bool,
+        dropout_keys: jax.Array | None = None,
+    ) -> jax.Array:
+        """x [B, h, w, c] noisy latents, t [B], y labels [B] or token ids [B, L] -> [B, h, w, c];
+        dropout_keys as UNet.__call__'s."""
         if self.text_encoder is None:
             embed = nn.Embed(self.num_classes + 1, self.unet.context_dim, name="label_embed")
             context = embed(y)[:, None]
         else:
             context = self.text_encoder(y)
-        return self.unet(x, t, context, train=train)
+        return self.unet(x, t, context, train=train, dropout_keys=dropout_keys)

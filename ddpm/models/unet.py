@@ -15,6 +15,7 @@ Parameter names follow the official code, flattened: `conv_in`, `temb_dense_0/1`
 """
 
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -122,6 +123,14 @@ def dense(features, name, dtype, param_dtype, *, init=None):
     )
 
 
+def per_example_dropout(x: jax.Array, rate: float, keys: jax.Array, salt: int) -> jax.Array:
+    """Inverted dropout of x [B, ...]: example b's mask comes from fold_in(keys[b], salt)
+    alone, so it does not depend on the batch the example shares (nor its place there)."""
+    keep = 1.0 - rate
+    draw = lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), keep, x.shape[1:])  # noqa: E731
+    return jnp.where(jax.vmap(draw)(keys), x / keep, 0.0).astype(x.dtype)
+
+
 class ResnetBlock(nn.Module):
     """norm, swish, conv3x3, + Dense(swish(temb)), norm, swish, dropout, conv3x3, + skip.
 
@@ -137,15 +146,25 @@ class ResnetBlock(nn.Module):
     norm_eps: float = NORM_EPS
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array | None, *, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        temb: jax.Array | None,
+        *,
+        train: bool,
+        dropout_keys: jax.Array | None = None,
+    ) -> jax.Array:
+        """dropout_keys: see UNet.__call__."""
         dt, pdt, groups, eps = self.dtype, self.param_dtype, self.num_groups, self.norm_eps
         h = nn.swish(group_norm("norm_0", dt, pdt, groups, eps)(x))
         h = conv(self.out_ch, "conv_0", dt, pdt)(h)
         if temb is not None:
             h = h + dense(self.out_ch, "temb_proj", dt, pdt)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(group_norm("norm_1", dt, pdt, groups, eps)(h))
-        if self.dropout > 0.0:
-            h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        if self.dropout > 0.0 and train:
+            if dropout_keys is None:  # flax's usual 'dropout' rng, one key for the batch
+                dropout_keys = jax.random.split(self.make_rng("dropout"), x.shape[0])
+            h = per_example_dropout(h, self.dropout, dropout_keys, zlib.crc32(self.name.encode()))
         # Zero init: every block starts as the identity, which keeps the deep net trainable.
         h = conv(self.out_ch, "conv_1", dt, pdt, init=zeros)(h)
         if x.shape[-1] != self.out_ch:
@@ -368,6 +387,7 @@ class UNet(nn.Module):
         train: bool,
         low_res: jax.Array | None = None,
         low_res_level: jax.Array | None = None,
+        dropout_keys: jax.Array | None = None,
     ) -> jax.Array:
         """Predict eps (and optionally the variance interpolation) for noisy images.
 
@@ -375,12 +395,16 @@ class UNet(nn.Module):
           x: [B, H, W, C_in] noisy images in [-1, 1]; H, W divisible by 2**(len(ch_mult)-1).
           t: [B] timesteps in {0, ..., T-1}.
           y: [B] class labels in {0, ..., num_classes}, or None.
-          train: enables dropout (needs a 'dropout' rng).
+          train: enables dropout.
           low_res: [B, h, w, C_lr] low-resolution images in [-1, 1] (super-resolution
             models only); any h, w: bicubic (Keys a = -0.5) upsampled to H, W, not clipped
             (the overshoot is information the network may use), antialias irrelevant
             for upsampling.
           low_res_level: [B] noise level of low_res (noise-conditioned models only).
+          dropout_keys: [B] keys, training with dropout: example b's dropout masks come
+            from dropout_keys[b] alone, so the same example gets the same masks in any
+            batch, on any number of devices (the train step keys each example by its
+            global index). None: split from the 'dropout' rng, one key for the batch.
 
         Returns:
           [B, H, W, out_channels] float32.
@@ -412,7 +436,8 @@ class UNet(nn.Module):
             x = jnp.concatenate([x.astype(jnp.float32), upsampled], axis=-1)
 
         def res_block(h, out_ch, name):
-            return ResnetBlock(out_ch, self.dropout, dt, pdt, name=name)(h, temb, train=train)
+            block = ResnetBlock(out_ch, self.dropout, dt, pdt, name=name)
+            return block(h, temb, train=train, dropout_keys=dropout_keys)
 
         def maybe_attn(h, name):
             # Attention placement follows the actual feature-map height, as in the official code.
