@@ -61,8 +61,7 @@ def test_one_run_writes_checkpoint_events_and_samples(tmp_path):
 def test_same_update_on_one_two_and_eight_devices(dropout):
     """The same global batch and seed give the same parameters on 1, 2 and 8 devices. With
     dropout on, each example's dropout masks, like its t and noise, come from its global
-    index, not from the device that holds it (the model runs once per example); without,
-    the model runs once on the device's batch.
+    index (its dropout key), not from the device that holds it or its batch neighbours.
 
     SGD makes the comparison sharp: Adam's first steps are ~lr * sign(g), which turns a
     rounding-level difference in a near-zero gradient into a full step. With SGD the
