@@ -10,8 +10,9 @@ on random weights, and reports seconds per step, steps/s and the samples/s that 
 T-step ancestral chain gives. The torch peer, in --torch-python (skipped, with a note, if
 that lacks torch or diffusers), runs DDPMPipeline with as many steps on a UNet2DModel of
 the same architecture (the parameter counts must agree): one untimed chain, one timed,
-per batch. --set overrides config fields on both sides, as in train_step.py. The JAX side imports no TensorFlow (sampling.make_sampler is what
---mode=sample draws with, without the jobs around it), so it runs where only JAX is.
+per batch. --set overrides config fields on both sides, as in train_step.py. The JAX side
+imports no TensorFlow (sampling.make_sampler is what --mode=sample draws with, without
+the jobs around it), so it runs where only JAX is.
 """
 
 import argparse

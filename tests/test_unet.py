@@ -9,8 +9,13 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm.models import unet
-from ddpm.models.unet import GroupNorm, UNet, UpsampleConv, timestep_embedding
+from ddpm.models.unet import (
+    GroupNorm,
+    UNet,
+    UpsampleConv,
+    per_example_dropout,
+    timestep_embedding,
+)
 
 # One small class-conditional model with dropout serves most tests, so that only a few
 # programs are compiled (XLA CPU compiles dominate this file's runtime).
@@ -152,7 +157,7 @@ def test_dropout_keys_give_each_example_its_own_masks(tiny):
     assert np.abs(both - np.asarray(apply(variables, x, t, train=False))).max() > 1e-2
     # The rate, and the inverted scaling: 0.3 of the entries are zeroed, the rest / 0.7.
     h = jnp.ones((64, 8, 8, 32))
-    dropped = unet.per_example_dropout(h, 0.3, jax.random.split(jax.random.key(5), 64), salt=7)
+    dropped = per_example_dropout(h, 0.3, jax.random.split(jax.random.key(5), 64), salt=7)
     assert abs(float(jnp.mean(dropped == 0)) - 0.3) < 0.01
     np.testing.assert_allclose(np.unique(np.asarray(dropped)), [0.0, 1 / 0.7], rtol=1e-6)
 
