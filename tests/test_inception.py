@@ -11,6 +11,7 @@ Without it these tests fail, unless DDPM_SKIP_INCEPTION=1 is set.
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -116,3 +117,54 @@ def test_wrong_files_are_rejected(tmp_path):
     other = os.path.join(os.path.dirname(__file__), "fixtures", "torch_pickle_script.pt")
     with pytest.raises(ValueError, match="FID Inception"):
         inception.load_inception_params(other)
+
+
+def _numpy_pool(x, stride, pad, reduce):
+    """float64 3x3 pool of NHWC x: reduce over each window's real (unpadded) inputs."""
+    x = np.asarray(x, np.float64)
+    _, h, w, _ = x.shape
+    rows = range(-pad, h + pad - 2, stride)
+    cols = range(-pad, w + pad - 2, stride)
+    out = [
+        [reduce(x[:, max(i, 0) : i + 3, max(j, 0) : j + 3], axis=(1, 2)) for j in cols]
+        for i in rows
+    ]
+    return np.stack([np.stack(row, axis=1) for row in out], axis=1)
+
+
+@pytest.mark.parametrize("height", [17, 18])
+def test_pools_match_float64_windows(height):
+    x = np.random.default_rng(0).normal(size=(2, height, 20, 3)).astype(np.float32)
+    cases = (
+        (inception._max_pool_3x3_s2, 2, 0, np.max),
+        (inception._max_pool_3x3_same, 1, 1, np.max),
+        (inception._avg_pool_3x3_same, 1, 1, np.mean),  # TF's: padding left out of the count
+    )
+    for pool, stride, pad, reduce in cases:
+        want = _numpy_pool(x, stride, pad, reduce)
+        np.testing.assert_allclose(pool(x), want, rtol=1e-6, atol=1e-6, err_msg=pool.__name__)
+
+
+@pytest.mark.parametrize("kernel_size, stride", [((1, 1), 1), ((3, 3), 2), ((1, 7), 1)])
+def test_conv_bn_matches_float64_definition(kernel_size, stride):
+    """Unpadded convs take XLA:CPU's fast path (a padded row whose output is dropped)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 11, 12, 5)).astype(np.float32)
+    layer = inception._conv(6, kernel_size, stride)
+    params = {
+        "kernel": rng.normal(size=(*kernel_size, 5, 6)),
+        "beta": rng.normal(size=6),
+        "mean": rng.normal(size=6),
+        "var": rng.uniform(0.5, 2.0, size=6),
+    }
+    got = layer.apply({"params": jax.tree.map(np.float32, params)}, x)
+    kh, kw = kernel_size
+    ph, pw = layer.padding
+    padded = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    oh, ow = (padded.shape[1] - kh) // stride + 1, (padded.shape[2] - kw) // stride + 1
+    window = lambda i, j: padded[:, i : i + stride * oh : stride, j : j + stride * ow : stride]  # noqa: E731
+    conv = sum(window(i, j) @ params["kernel"][i, j] for i in range(kh) for j in range(kw))
+    scale = 1.0 / np.sqrt(params["var"] + inception.BATCH_NORM_EPS)
+    want = np.maximum((conv - params["mean"]) * scale + params["beta"], 0.0)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
