@@ -84,7 +84,11 @@ def main():
     parser.add_argument("--num", type=int, default=200, help="images to time")
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    parser.add_argument("--chunk", type=int, default=50, help="images per network call")
+    parser.add_argument(
+        "--chunk", type=int, default=25,
+        help="images per network call (FeatureExtractor makes calls of at most "
+        "evaluation.INCEPTION_BATCH on a CPU: keep --chunk at or below it there)",
+    )  # fmt: skip
     parser.add_argument("--weights", default="", help="TorchScript file (default: fid-helper's)")
     parser.add_argument("--torch-python", default=".venv-tools/bin/python")
     parser.add_argument("--json", help="also write the results to this file")
