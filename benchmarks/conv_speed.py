@@ -5,20 +5,23 @@ Where the train step's time goes on a CPU: run from the repository root,
     .venv/bin/python benchmarks/conv_speed.py [--shapes 32x28x28x32,8x32x32x128]
 
 Each shape is batch x height x width x channels (same channels in and out, 'SAME'
-padding, stride 1), float32. The JAX side runs here, jitted, with whatever XLA_FLAGS the
-environment sets (to A/B XLA:CPU's options); the torch side (F.conv2d and
-aten.convolution_backward, NCHW, all cores) in --torch-python. Each figure is the mean
-of --reps calls after one untimed call, in milliseconds; then torch's time / JAX's.
+padding, stride 1), float32. The JAX side runs here, jitted, after importing ddpm (which
+sets XLA's flags as training has them) and under whatever else XLA_FLAGS says (to A/B
+XLA:CPU's options); the torch side (F.conv2d and aten.convolution_backward, NCHW, all
+cores) in --torch-python. Each figure is the mean of --reps calls after one untimed call,
+in milliseconds; then torch's time / JAX's.
 """
 
 import argparse
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
 
 RESULT = "RESULT "
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def timed(fn, reps: int, wait=lambda out: out) -> float:
@@ -31,8 +34,11 @@ def timed(fn, reps: int, wait=lambda out: out) -> float:
 
 
 def run_jax(shape, reps) -> dict:
+    sys.path.insert(0, str(REPO))
     import jax
     from jax import lax
+
+    import ddpm  # noqa: F401  (XLA's flags as the library sets them: ddpm/xla_cpu.py)
 
     n, h, w, c = shape
     x, g = (jax.random.normal(jax.random.key(i), (n, h, w, c)) for i in (0, 1))

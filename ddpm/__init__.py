@@ -1,1 +1,5 @@
 """Denoising diffusion probabilistic models (Ho, Jain, Abbeel 2020) in JAX/Flax."""
+
+from ddpm import xla_cpu
+
+xla_cpu.prefer_xla_convolutions()  # before JAX starts: XLA reads its flags once

@@ -147,7 +147,7 @@ def test_pools_match_float64_windows(height):
 
 @pytest.mark.parametrize("kernel_size, stride", [((1, 1), 1), ((3, 3), 2), ((1, 7), 1)])
 def test_conv_bn_matches_float64_definition(kernel_size, stride):
-    """Unpadded convs take XLA:CPU's fast path (a padded row whose output is dropped)."""
+    """Padded and unpadded (1x1, strided VALID) convs, batch norm shift and ReLU."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 11, 12, 5)).astype(np.float32)
     layer = inception._conv(6, kernel_size, stride)
