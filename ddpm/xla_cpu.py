@@ -1,6 +1,6 @@
 """The one XLA flag the library sets: XLA:CPU's own convolutions instead of YNNPACK's.
 
-jaxlib 0.10's XLA:CPU hands every convolution to YNNPACK. Its weight gradients run at
+jaxlib 0.10.2's XLA:CPU hands every convolution to YNNPACK. Its weight gradients run at
 about half the speed of its forward pass, and convolutions without padding several times
 slower than padded ones; XLA's own (Eigen) convolutions have neither problem. With
 YNNPACK kept for dots and reductions only (measured on a 2-core AVX-512 CPU, float32):
@@ -25,7 +25,7 @@ from absl import logging
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # XLA aborts the process on a flag it does not know, so only the jaxlib releases that
 # were measured get it; others keep XLA's defaults.
-MEASURED_JAXLIB = ("0.10.",)
+MEASURED_JAXLIB = ("0.10.2",)  # requirements.txt pins it
 
 
 def _backends_started() -> bool:
@@ -37,12 +37,16 @@ def prefer_xla_convolutions(environ=os.environ) -> bool:
     """Adds FLAG to environ's XLA_FLAGS; whether it did.
 
     Left alone: XLA_FLAGS that already choose YNNPACK's fusion types (the user's choice),
-    a jaxlib outside MEASURED_JAXLIB, and a process whose JAX backends have started.
+    a jaxlib outside MEASURED_JAXLIB or without package metadata, and a process whose JAX
+    backends have started.
     """
     flags = environ.get("XLA_FLAGS", "")
     if FLAG.split("=")[0] in flags:
         return False
-    if not importlib.metadata.version("jaxlib").startswith(MEASURED_JAXLIB):
+    try:
+        if not importlib.metadata.version("jaxlib").startswith(MEASURED_JAXLIB):
+            return False
+    except importlib.metadata.PackageNotFoundError:  # a jaxlib built from source
         return False
     if _backends_started():
         logging.warning(

@@ -40,6 +40,13 @@ def test_unmeasured_jaxlib_is_left_alone(measured, monkeypatch):
     assert not xla_cpu.prefer_xla_convolutions(environ)
     assert environ == {}
 
+    def no_metadata(name):
+        raise xla_cpu.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(xla_cpu.importlib.metadata, "version", no_metadata)
+    assert not xla_cpu.prefer_xla_convolutions(environ)
+    assert environ == {}
+
 
 def test_too_late_once_jax_has_started(measured, monkeypatch):
     monkeypatch.setattr(xla_cpu, "_backends_started", lambda: True)
