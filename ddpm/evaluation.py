@@ -223,8 +223,8 @@ class FeatureExtractor:
         """Features [N, 2048] and logits [N, 1008] | None.
 
         On a CPU, at most INCEPTION_BATCH images per call, the last chunk padded so that
-        every call has one shape: 25 images per call ran 1.08x as many images/s as 50, 1.13x
-        as 100 (Inception at batch 200 was 1.7x slower still).
+        every call has one shape: 25 images per call ran 1.03-1.06x as many images/s as 50
+        or 100 (Inception at batch 200 was 1.7x slower still).
         """
         n = len(images_uint8)
         if images_uint8.shape[-1] == 1:  # grayscale: the network takes RGB
