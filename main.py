@@ -36,10 +36,9 @@ def main(argv):
             f"--mode={FLAGS.mode} is not available for config.pipeline='text2image': "
             "use --mode=convert (a diffusers LDMTextToImagePipeline folder) and --mode=sample"
         )
-    from ddpm import platform
-
-    platform.keep_freed_memory()  # CPU training: before TensorFlow's threads allocate
     import tensorflow as tf
+
+    from ddpm import platform
 
     # TensorFlow only feeds data: it must not claim GPU or TPU memory that JAX needs.
     tf.config.set_visible_devices([], "GPU")
@@ -80,4 +79,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from ddpm import xla_cpu
+
+    xla_cpu.restart_with_huge_pages()  # glibc reads its malloc settings only at start
     app.run(main)
