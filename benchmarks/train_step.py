@@ -36,8 +36,6 @@ CIFAR10_PARAMS = 35_746_307  # The paper's CIFAR-10 U-Net, as released (google/d
 sys.path.insert(0, str(REPO))  # `ddpm` and `configs` from this checkout, as main.py has them.
 RESULT = "RESULT "  # Prefix of the line on which a side hands its numbers to the parent.
 
-from ddpm import xla_cpu  # noqa: E402
-
 
 def load_config(path: str, tiny: bool, dtype: str, overrides=()):
     """The config at `path`, with overrides 'section.field=value' (a Python literal) applied."""
@@ -258,6 +256,8 @@ def run_side(python: str, side: str, args, spec=None) -> dict:
 
 def run_result(cmd: list[str], side: str) -> dict:
     """Runs cmd, passing its stdout through but for the RESULT line, whose JSON it returns."""
+    from ddpm import xla_cpu  # here: the torch side's interpreter has no absl for ddpm
+
     # As main.py runs itself: on a machine without GPU or TPU, with huge pages for malloc.
     env = {**(xla_cpu.huge_page_environ() or os.environ), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
