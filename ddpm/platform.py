@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm.xla_cpu import nvidia_gpu_present, tpu_present
+from ddpm.xla_cpu import accelerator_present, nvidia_gpu_present
 
 # Set together, they describe the cluster explicitly (e.g. several processes on one machine);
 # unset, jax.distributed.initialize() detects SLURM, TPU pods, Kubernetes, ...
@@ -86,7 +86,7 @@ def keep_freed_memory(environ=os.environ) -> bool:
     the input threads queue for its lock), a C library without mallopt (not glibc), and
     a user's own MALLOC_* settings.
     """
-    if nvidia_gpu_present() or tpu_present():
+    if accelerator_present():
         return False
     if any(name.startswith("MALLOC_") for name in environ):
         return False

@@ -81,6 +81,11 @@ def tpu_present() -> bool:
     return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
+def accelerator_present() -> bool:
+    """A GPU or TPU, where the step's buffers live on the device, not in host malloc."""
+    return nvidia_gpu_present() or tpu_present()
+
+
 def _glibc_version() -> tuple[int, ...]:
     name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
     return tuple(int(part) for part in version.split(".")) if name == "glibc" else ()
@@ -98,12 +103,12 @@ def _huge_pages_possible() -> bool:
 def huge_page_environ(environ=os.environ) -> dict | None:
     """environ with HUGE_PAGES added to GLIBC_TUNABLES; None where it is left alone.
 
-    Left alone: machines with a GPU or TPU (the step's buffers live there), a C library
+    Left alone: machines with a GPU or TPU (`accelerator_present`), a C library
     other than glibc >= 2.35, a kernel without transparent huge pages, and a
     GLIBC_TUNABLES that already sets glibc.malloc.hugetlb (the user's choice; =0 opts out).
     """
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES.split("=")[0] in tunables or nvidia_gpu_present() or tpu_present():
+    if HUGE_PAGES.split("=")[0] in tunables or accelerator_present():
         return None
     if _glibc_version() < (2, 35) or not _huge_pages_possible():
         return None

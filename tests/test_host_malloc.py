@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from ddpm import platform
+from ddpm import platform, xla_cpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 glibc_only = pytest.mark.skipif(
@@ -92,9 +92,7 @@ def probe(apply: bool) -> dict:
 
 
 @glibc_only
-@pytest.mark.skipif(
-    platform.nvidia_gpu_present() or platform.tpu_present(), reason="left alone on accelerators"
-)
+@pytest.mark.skipif(xla_cpu.accelerator_present(), reason="left alone on accelerators")
 def test_one_arena_that_neither_unmaps_nor_trims():
     default, kept = probe(False), probe(True)
     # glibc's defaults, which the settings change: a big block is mmap'd (and unmapped
@@ -110,5 +108,5 @@ def test_one_arena_that_neither_unmaps_nor_trims():
 def test_user_settings_and_accelerators_are_left_alone(monkeypatch):
     # Both return before calling mallopt, so this process's malloc is not touched.
     assert not platform.keep_freed_memory({"MALLOC_ARENA_MAX": "4"})
-    monkeypatch.setattr(platform, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(xla_cpu, "nvidia_gpu_present", lambda: True)
     assert not platform.keep_freed_memory({})
