@@ -24,14 +24,10 @@ def cond_config(**overrides):
     })  # fmt: skip
 
 
-def random_params(config, seed=0):
-    """Params of the config's model with every leaf perturbed, so the output depends on y."""
+def random_params(config):
+    """The config's model and its params with every leaf perturbed, so the output depends on y."""
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    params = factories.create_train_state(config, model, tx, jax.random.key(seed)).params
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    return model, jax.tree.unflatten(tree, noisy)
+    return model, tiny.random_params(config, model, tx)
 
 
 def inputs(batch=4, t=5):
@@ -167,7 +163,7 @@ def test_label_dropout_rate_and_independence_of_the_split():
 def _two_steps(config, labels):
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    state = tiny.init_state(config, model, tx)
     step_fn = updates.make_train_step(config, model, diffusion, tx, devices=jax.devices()[:2])
     state = updates.replicated(state, jax.devices()[:2])
     image = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 8, 3), np.uint8)

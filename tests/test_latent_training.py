@@ -176,7 +176,7 @@ def test_latent_step_is_the_pixel_steps_math_on_scaled_posterior_samples(conditi
 
 
 @pytest.mark.parametrize("pipeline", ["autoencoder", "latent"])
-def test_both_stages_update_alike_on_one_two_and_eight_devices(pipeline):
+def test_both_stages_update_alike_on_one_and_eight_devices(pipeline):
     config = (ae_config if pipeline == "autoencoder" else ldm_config)(
         overrides={"training.label_dropout": 0.5} if pipeline == "latent" else None
     )
@@ -195,12 +195,12 @@ def test_both_stages_update_alike_on_one_two_and_eight_devices(pipeline):
             lambda s, b, r, f: autoencoder_job.train_step(
                 s, b, r, f, model=model, tx=tx, ema_decay=0.9, ema_warmup=True,
                 kl_weight=0.01, loss="l1"), devices)  # fmt: skip
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    state = tiny.init_state(config, model, tx)
     rng = np.random.default_rng(0)
     batches = [{"image": rng.integers(0, 256, (16, 8, 8, 3), np.uint8),
                 "label": rng.integers(0, 2, 16).astype(np.int32)} for _ in range(2)]  # fmt: skip
     results = {}
-    for n in (1, 2, 8):
+    for n in (1, 8):
         devices = jax.devices()[:n]
         s, step = updates.replicated(state, devices), make(devices)
         f = None if frozen is None else updates.replicated(frozen.params, devices)
@@ -208,9 +208,8 @@ def test_both_stages_update_alike_on_one_two_and_eight_devices(pipeline):
             s, _ = step(s, {k: v.reshape(n, -1, *v.shape[1:]) for k, v in batch.items()},
                         jax.random.key(1), f)  # fmt: skip
         results[n] = s.params
-    for n in (2, 8):
-        for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[n]), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[1]), jax.tree.leaves(results[8]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[8], state.params)
     assert max(jax.tree.leaves(moved)) > 1e-3
 

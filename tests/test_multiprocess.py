@@ -39,7 +39,7 @@ def launch(workdir, data, *, processes: int, devices: int, fault=None):
     ]  # fmt: skip
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": tiny.device_flags(devices),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
         "JAX_NUM_PROCESSES": str(processes),

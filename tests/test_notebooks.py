@@ -18,6 +18,7 @@ import time
 
 import nbformat
 import pytest
+import tiny
 
 nbclient = pytest.importorskip("nbclient")
 ipykernel_kernelspec = pytest.importorskip("ipykernel.kernelspec")
@@ -51,8 +52,7 @@ def kernel_spec_manager(tmp_path_factory):
 def _kernel_env() -> dict[str, str]:
     env = dict(os.environ)
     env["DDPM_NOTEBOOK_SMOKE"] = "1"
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=1"])
+    env["XLA_FLAGS"] = tiny.device_flags(1)
     # Headless and Agg-based, but unlike plain Agg (where plt.show() does nothing) it draws
     # every figure, so an error in a plot shows up here.
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"

@@ -50,7 +50,7 @@ def run_main(workdir, data, fault):
     # suite's eight. Every run after the first hits the session's compilation cache.
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "XLA_FLAGS": tiny.device_flags(2),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
     }
     if fault:
@@ -89,7 +89,7 @@ def two_checkpoints(tmp_path):
     """A workdir with checkpoints at steps 2 and 4 (different params), and its config."""
     config = tiny.tiny_config({"training.num_grid_samples": 0, "training.num_train_steps": 2})
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    state = tiny.init_state(config, model, tx)
     checkpointer, states = checkpointing.Checkpointer(tmp_path), {}
     for step in (2, 4):
         params = jax.tree.map(lambda p, s=step: p + s, state.params)
@@ -140,7 +140,7 @@ def test_no_readable_checkpoint_fails_naming_the_directory(two_checkpoints):
 def test_keep_every_keeps_milestones_besides_the_newest(tmp_path):
     config = tiny.tiny_config()
     model, tx = factories.create_model(config), factories.create_optimizer(config.optim)
-    state = factories.create_train_state(config, model, tx, jax.random.key(0))
+    state = tiny.init_state(config, model, tx)
     checkpointer = checkpointing.Checkpointer(tmp_path, keep=2, keep_every=3)
     for step in range(1, 9):
         checkpointer.save(step, state, force=True)

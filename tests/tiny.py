@@ -1,5 +1,7 @@
 """The tiny model that the train and eval tests run: 8x8 images, two levels, T = 10."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -28,6 +30,17 @@ TINY = {
 }
 
 
+# compiler_options for a runtime-bound program: LLVM -O3 as outside the tests (conftest.py).
+OPTIMIZED = {"xla_backend_optimization_level": 3}
+
+
+def device_flags(count: int) -> str:
+    """This session's XLA_FLAGS with `count` fake CPU devices: for processes a test starts."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    kept = [f for f in flags if "host_platform_device_count" not in f]
+    return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
+
+
 def overridden(config, *overrides):
     """config with each {dotted key: value} of `overrides` applied in turn."""
     for key, value in {k: v for o in overrides for k, v in (o or {}).items()}.items():
@@ -49,14 +62,20 @@ def flags(overrides=None) -> list[str]:
     ]
 
 
+def init_state(config, model, tx, seed: int = 0):
+    """factories.create_train_state compiled, as training runs it: called op by op, a
+    model's init compiles each of its ops on its own, several times slower."""
+    return jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(seed)))()
+
+
 def random_params(config, model, tx):
     """Params of `model` moved off their zero-initialised layers (so outputs vary with
     the input): its initial params plus 0.05 N(0, 1) noise drawn on the host. (Drawn in
     the compiled program, a key per leaf made XLA take 2-3 times as long to compile it.)"""
-    init = lambda: factories.create_train_state(config, model, tx, jax.random.key(0)).params  # noqa: E731
     rng = np.random.default_rng(1)
     moved = jax.tree.map(
-        lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32), jax.jit(init)()
+        lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape, np.float32),
+        init_state(config, model, tx).params,
     )
     return jax.device_put(moved)
 
