@@ -34,10 +34,11 @@ TINY = {
 OPTIMIZED = {"xla_backend_optimization_level": 3}
 
 
-def device_flags(count: int) -> str:
-    """This session's XLA_FLAGS with `count` fake CPU devices: for processes a test starts."""
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    kept = [f for f in flags if "host_platform_device_count" not in f]
+def device_flags(count: int, *, optimized: bool = False) -> str:
+    """This session's XLA_FLAGS with `count` fake CPU devices, for processes a test starts;
+    `optimized`: without the session's -O0 (conftest.py), as outside the tests."""
+    drop = ("host_platform_device_count",) + (("optimization_level",) if optimized else ())
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not any(d in f for d in drop)]
     return " ".join([*kept, f"--xla_force_host_platform_device_count={count}"])
 
 
