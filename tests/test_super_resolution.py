@@ -150,7 +150,7 @@ def test_sr_training_is_the_same_on_one_and_eight_devices_and_after_resuming():
     config = sr_config()
     model, diffusion = factories.create_model(config), factories.create_diffusion(config)
     tx = optax.sgd(0.5)
-    state = jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
+    state = tiny.init_state(config, model, tx)
 
     def run(devices, start_state, start_step, num_steps):
         batches = input_pipeline.create_train_iter(

@@ -63,10 +63,10 @@ def flags(overrides=None) -> list[str]:
     ]
 
 
-def init_state(config, model, tx, seed: int = 0):
-    """factories.create_train_state compiled, as training runs it: called op by op, a
-    model's init compiles each of its ops on its own, several times slower."""
-    return jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(seed)))()
+def init_state(config, model, tx):
+    """factories.create_train_state (key 0) compiled, as training runs it: called op by op,
+    a model's init compiles each of its ops on its own, several times slower."""
+    return jax.jit(lambda: factories.create_train_state(config, model, tx, jax.random.key(0)))()
 
 
 def random_params(config, model, tx):
