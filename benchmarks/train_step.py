@@ -85,9 +85,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB.
 
 
+def system_s() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def measure(run_steps, wait, steps: int, per_call: int = 1) -> dict:
     """Times run_steps(n) up to wait(): the first call of per_call steps, the second, then
-    `steps` steps as one window."""
+    `steps` steps as one window, with the system CPU time that window took per step. That is
+    mostly the kernel faulting in fresh memory: XLA:CPU mallocs each call's temporary buffer
+    anew (711 MB for the CIFAR-10 step at batch 8), and on a VM that reports free pages to its
+    host (/sys/module/page_reporting) some steps get it back from the host, 0.5-1 s slower."""
 
     def timed(n):
         start = time.perf_counter()
@@ -96,8 +103,15 @@ def measure(run_steps, wait, steps: int, per_call: int = 1) -> dict:
         return time.perf_counter() - start
 
     compile_s, second_s = timed(per_call), timed(per_call)
+    system_start = system_s()
     step_s = timed(steps) / steps
-    return dict(compile_s=compile_s, second_s=second_s, step_s=step_s, peak_rss_mb=peak_rss_mb())
+    return dict(
+        compile_s=compile_s,
+        second_s=second_s,
+        step_s=step_s,
+        system_s_per_step=(system_s() - system_start) / steps,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def diffusers_unet_kwargs(config) -> dict:
@@ -306,6 +320,7 @@ COLUMNS = [
     ("compile s", "compile_s", ">11", ".2f"),
     ("2nd s", "second_s", ">8", ".2f"),
     ("s/step", "step_s", ">9", ".3f"),
+    ("sys s/step", "system_s_per_step", ">12", ".3f"),
     ("images/s", "images_per_s", ">10", ".1f"),
     ("peak RSS MB", "peak_rss_mb", ">13", ".0f"),
     ("peak GPU MB", "peak_gpu_mb", ">13", ".0f"),
