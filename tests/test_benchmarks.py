@@ -28,7 +28,7 @@ def test_sample_speed_gives_the_torch_peer_the_overridden_config():
 
 def test_measure_counts_the_kernel_time_of_fresh_memory():
     """measure's system time per step: 64 MiB of fresh pages per step cost the kernel their
-    zeroing and 16,384 page faults; arithmetic on memory already mapped costs it nothing."""
+    zeroing and their faults (16,384 of 4 KiB); arithmetic on mapped memory costs it nothing."""
 
     def fresh(n):
         for _ in range(n):
