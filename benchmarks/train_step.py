@@ -91,10 +91,8 @@ def system_s() -> float:
 
 def measure(run_steps, wait, steps: int, per_call: int = 1) -> dict:
     """Times run_steps(n) up to wait(): the first call of per_call steps, the second, then
-    `steps` steps as one window, with the system CPU time that window took per step. That is
-    mostly the kernel faulting in fresh memory: XLA:CPU mallocs each call's temporary buffer
-    anew (711 MB for the CIFAR-10 step at batch 8), and on a VM that reports free pages to its
-    host (/sys/module/page_reporting) some steps get it back from the host, 0.5-1 s slower."""
+    `steps` steps as one window, with the system CPU time that window took per step (mostly
+    the kernel faulting in fresh memory: benchmarks/README.md, "Why a CPU step time moves")."""
 
     def timed(n):
         start = time.perf_counter()
