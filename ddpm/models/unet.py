@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm.models import convolution
+
 Dtype = Any
 
 # The official code initialises with variance_scaling(1, 'fan_avg', 'uniform') and zero
@@ -114,6 +116,7 @@ def conv(features, name, dtype, param_dtype, *, kernel=3, strides=1, padding="SA
         dtype=dtype,
         param_dtype=param_dtype,
         name=name,
+        conv_general_dilated=convolution.conv_general_dilated,
     )
 
 
@@ -259,12 +262,12 @@ class UpsampleConv(nn.Module):
         for p, rows in enumerate(_phase_taps(kernel, 0)):
             for q, taps in enumerate(_phase_taps(rows, 1)):
                 phases.append(
-                    jax.lax.conv_general_dilated(
+                    convolution.conv_general_dilated(
                         x,
                         taps.astype(x.dtype),
                         window_strides=(1, 1),
                         padding=((1 - p, p), (1 - q, q)),
-                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                        dimension_numbers=convolution.CANONICAL,
                     )
                 )
         # [p, q, B, H, W, C] -> [B, H, p, W, q, C] -> [B, 2H, 2W, C]: out[2i+p, 2j+q].
