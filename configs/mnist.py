@@ -32,7 +32,7 @@ def get_config():
     config.model.dropout = 0.0
     config.training.batch_size = 32
     config.training.num_train_steps = 4000
-    config.training.steps_per_dispatch = 4  # +15% images/s on a CPU, for 14 s more compile
+    config.training.steps_per_dispatch = 4  # Fewer host round trips; as fast as 1 on a CPU.
     config.training.ema_decay = 0.999  # A short run: the paper's 0.9999 averages over too long.
     config.training.ema_warmup = True
     config.training.log_every = 100
