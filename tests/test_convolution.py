@@ -121,10 +121,13 @@ def test_inside_a_loop_every_convolution_stays_canonical():
         ({"rhs_dilation": (2, 2)}, "dilation"),
         ({"lhs_dilation": (2, 1)}, "dilation"),
         ({"feature_group_count": 3}, "groups"),
+        ({"dimension_numbers": ("NWC", "WIO", "NWC"), "window_strides": (1,)}, "2-D"),
     ],
 )
 def test_other_convolutions_raise_clear_errors(kwargs, message):
-    kwargs = {"dimension_numbers": CANONICAL, **kwargs}
+    kwargs = {"window_strides": (1, 1), "dimension_numbers": CANONICAL, **kwargs}
+    x, w = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 3))
+    if len(kwargs["window_strides"]) == 1:
+        x, w = x[0], w[0]
     with pytest.raises(ValueError, match=message):
-        x, w = jnp.ones((1, 6, 6, 3)), jnp.ones((3, 3, 3, 3))
-        conv_general_dilated(x, w, (1, 1), "SAME", **kwargs)
+        conv_general_dilated(x, w, padding="SAME", **kwargs)

@@ -7,9 +7,9 @@ JAX's gradients of them are not: the weight gradient contracts over the batch
 XLA's ConvCanonicalization pass rewrites such convolutions with transposes, but only in
 the entry computation; inside a loop (`training.steps_per_dispatch` scans the train step)
 they stay as they are and run as plain loops (22x slower: four scanned SGD steps through
-two 3x3 convolutions of 8x32x32x64, on the 2-core CPU). On a CPU, `conv_general_dilated` therefore
-writes both gradients as canonical convolutions between explicit transposes, the
-program the pass produces for a single step. GPUs and TPUs keep lax's as it is.
+two 3x3 convolutions of 8x32x32x64, on the 2-core CPU). On a CPU, `conv_general_dilated`
+therefore writes both gradients as canonical convolutions between explicit transposes,
+the program the pass produces for a single step. GPUs and TPUs keep lax's as it is.
 """
 
 import functools
@@ -42,10 +42,11 @@ def conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, precision=precision,
         )  # fmt: skip
-    canonical = lax.conv_dimension_numbers(lhs.shape, rhs.shape, CANONICAL)
-    given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    canonical = lhs.ndim == 4 and lax.conv_dimension_numbers(
+        lhs.shape, rhs.shape, dimension_numbers
+    ) == lax.conv_dimension_numbers(lhs.shape, rhs.shape, CANONICAL)
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if lhs.ndim != 4 or given != canonical or dilated or feature_group_count != 1:
+    if not canonical or dilated or feature_group_count != 1:
         raise ValueError(
             f"the models' convolution takes 2-D NHWC x HWIO without dilation or groups; got "
             f"shapes {lhs.shape} x {rhs.shape}, {dimension_numbers}, dilation "
