@@ -22,6 +22,7 @@ takes what training runs from ddpm.factories and ddpm.updates, which import no T
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,6 +36,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR10_PARAMS = 35_746_307  # The paper's CIFAR-10 U-Net, as released (google/ddpm-cifar10-32).
 sys.path.insert(0, str(REPO))  # `ddpm` and `configs` from this checkout, as main.py has them.
 RESULT = "RESULT "  # Prefix of the line on which a side hands its numbers to the parent.
+# jax.monitoring's duration events of one compilation, by phase.
+COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "xla",
+}
 
 
 def load_config(path: str, tiny: bool, dtype: str, overrides=()):
@@ -112,6 +119,25 @@ def measure(run_steps, wait, steps: int, per_call: int = 1) -> dict:
     )
 
 
+@contextlib.contextmanager
+def compile_seconds():
+    """Yields {'trace', 'lower', 'xla'}: the seconds JAX spends in each phase of compiling
+    while the block runs, summed over its compilations; a cached function adds nothing."""
+    import jax
+
+    totals = dict.fromkeys(COMPILE_EVENTS.values(), 0.0)
+
+    def listen(event, duration, **_):
+        if event in COMPILE_EVENTS:
+            totals[COMPILE_EVENTS[event]] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield totals
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def diffusers_unet_kwargs(config) -> dict:
     """UNet2DModel arguments for config.model (the DDPM layout), checked by ddpm.convert."""
     from ddpm import convert
@@ -176,12 +202,14 @@ def run_jax(args) -> dict:
             state, metrics = p_train_step(state, batch, rng, frozen)
 
     wait = lambda: jax.block_until_ready((state, metrics))  # noqa: E731
-    timing = measure(run_steps, wait, args.steps, per_call=k)
+    with compile_seconds() as phases:
+        timing = measure(run_steps, wait, args.steps, per_call=k)
     stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
     return dict(
         device=f"{devices[0].platform} x{len(devices)}",
         params=params,
         **timing,
+        compile_phases_s=phases,
         peak_gpu_mb=stats["peak_bytes_in_use"] / 2**20 if stats else None,
     )
 
@@ -334,6 +362,9 @@ def report(results: dict, args) -> None:
         if (r := results[side]) is not None:
             cells = (format(r[key], f) if r[key] is not None else "-" for _, key, _, f in COLUMNS)
             print(f"{side:<6}" + "".join(f"{c:{w}}" for c, w in zip(cells, widths, strict=True)))
+    phases = results["jax"]["compile_phases_s"]
+    print(f"JAX compiling: {sum(phases.values()):.1f} s of the first calls (", end="")
+    print(", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items()) + ")")
     if results["ratio"] is not None:
         print(f"JAX images/s / torch images/s: {results['ratio']:.2f}")
 

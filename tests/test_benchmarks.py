@@ -11,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import sample_speed  # noqa: E402
-from train_step import measure, torch_spec  # noqa: E402
+from train_step import compile_seconds, measure, torch_spec  # noqa: E402
 
 
 def test_sample_speed_gives_the_torch_peer_the_overridden_config():
@@ -49,3 +49,20 @@ def test_measure_counts_the_kernel_time_of_fresh_memory():
     assert faulting["system_s_per_step"] > 2e-3
     assert computing["system_s_per_step"] < faulting["system_s_per_step"] / 4
     assert set(faulting) >= {"compile_s", "second_s", "step_s", "peak_rss_mb"}
+
+
+def test_compile_seconds_times_each_compilation_once():
+    """A fresh jitted function adds its tracing, lowering and XLA time; calling it again
+    (cached) adds nothing, and no time is counted after the block."""
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda x: jnp.sin(x) @ x.T)
+    with compile_seconds() as first:
+        f(jnp.ones((64, 64))).block_until_ready()
+    with compile_seconds() as again:
+        f(jnp.ones((64, 64))).block_until_ready()
+    jax.jit(lambda x: x + 1)(1.0)  # outside both blocks
+    assert set(first) == {"trace", "lower", "xla"}
+    assert all(seconds > 0 for seconds in first.values()), first
+    assert sum(again.values()) == 0 and sum(first.values()) < 60, (first, again)
