@@ -36,17 +36,18 @@ def timed(fn, reps: int, wait=lambda out: out) -> float:
 def run_jax(shape, reps) -> dict:
     sys.path.insert(0, str(REPO))
     import jax
-    from jax import lax
 
     import ddpm  # noqa: F401  (XLA's flags as the library sets them: ddpm/xla_cpu.py)
+    from ddpm.models import convolution
 
     n, h, w, c = shape
     x, g = (jax.random.normal(jax.random.key(i), (n, h, w, c)) for i in (0, 1))
     kernel = 0.05 * jax.random.normal(jax.random.key(2), (3, 3, c, c))
 
     def conv(x, kernel):
-        return lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return convolution.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=convolution.CANONICAL
+        )
 
     forward = jax.jit(conv)
     input_grad = jax.jit(lambda x, k, g: jax.vjp(lambda x: conv(x, k), x)[1](g))
