@@ -107,30 +107,42 @@ train_rows = [
 ]  # fmt: skip
 
 print(f"\n{f32['config']}{' (tiny)' * f32['tiny']} on {sample['device']}")
-line = "{:<14}{:<7}{:<15}{:>6}{:>12}{:>12}{:>10}{:>10}"
-head = ("side", "work", "dtype", "batch", "steps/call", "1st call s", "steps/s", "images/s")
+line = "{:<14}{:<7}{:<15}{:>6}{:>12}{:>12}{:>10}{:>10}{:>18}"
+head = ("side", "work", "dtype", "batch", "steps/call", "1st call s", "steps/s", "images/s",
+        "GFLOP/s (of GEMM)")  # fmt: skip
+
+
+def arithmetic(gflop_per_s, side):
+    return f"{gflop_per_s:.0f} ({gflop_per_s / side['gemm_gflops']:.0%})"
+
+
+
 print(line.format(*head))
 for side, dtype, run, r, why in train_rows:
     if r is None:
-        print(line.format(side, "train", dtype, *"-----") + f"  ({why})")
+        print(line.format(side, "train", dtype, *"------") + f"  ({why})")
         continue
     per_call = run["steps_per_dispatch"] if side == "jax" else 1
     cells = (run["batch"], per_call, f"{r['compile_s']:.1f}", f"{1 / r['step_s']:.2f}")
-    print(line.format(side, "train", dtype, *cells, f"{r['images_per_s']:.1f}"))
-sample_rows = [("jax", sample["runs"])]
-sample_rows += [("torch eager", sample["torch"]["runs"])] if sample["torch"] else []
-for side, sample_runs in sample_rows:
+    images = f"{r['images_per_s']:.1f}"
+    print(line.format(side, "train", dtype, *cells, images, arithmetic(r["gflop_per_s"], r)))
+sample_rows = [("jax", sample, sample["runs"])]
+sample_rows += [("torch eager", sample["torch"], sample["torch"]["runs"])] if sample["torch"] else []
+for side, result, sample_runs in sample_rows:
     for r in sample_runs:
         cells = (r["batch"], sample["steps"], f"{r['compile_s']:.1f}", f"{r['steps_per_s']:.2f}")
-        print(line.format(side, "sample", sample["dtype"], *cells, "-"))
+        flops = arithmetic(sample["forward_gflop"] * r["batch"] * r["steps_per_s"], result)
+        print(line.format(side, "sample", sample["dtype"], *cells, "-", flops))
 if not sample["torch"]:
-    print(line.format("torch eager", "sample", sample["dtype"], *"-----") + f"  ({no_torch})")
+    print(line.format("torch eager", "sample", sample["dtype"], *"------") + f"  ({no_torch})")
 print(
     f"train: {f32['steps']} steps timed after two calls; 1st call s: JAX compile and its "
     "steps, torch warm-up (or compile)\nsample: the DDPM ancestral step in one compiled loop "
     "(torch: DDPMPipeline); 1st call s: compile (torch: warm-up) and a chain; JAX's full "
     f"{sample['num_timesteps']}-step chain gives "
     + ", ".join(f"{r['samples_per_s']:.2f} samples/s at batch {r['batch']}" for r in sample["runs"])
+    + f"\nGFLOP/s: {sample['forward_gflop']:.2f} GFLOP per image forward (XLA's count), 3x per "
+    "trained image; of GEMM: of the side's own rate on a product of two square matrices"
 )
 print(f"JSON files: {results}/")
 EOF

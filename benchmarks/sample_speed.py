@@ -27,9 +27,12 @@ sys.path.insert(0, str(REPO))
 from train_step import (  # noqa: E402
     RESULT,
     add_set_argument,
+    forward_gflop,
     has_torch,
+    jax_gemm_rate,
     load_config,
     run_result,
+    torch_gemm_rate,
     torch_peer,
     torch_spec,
 )
@@ -65,7 +68,8 @@ def run_jax(args) -> dict:
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
     device = f"{jax.devices()[0].device_kind} x{jax.local_device_count()}"
     return dict(device=device, params=params, num_timesteps=config.diffusion.num_timesteps,
-                runs=runs)  # fmt: skip
+                runs=runs, forward_gflop=forward_gflop(config, model),
+                **jax_gemm_rate(config.model.dtype))  # fmt: skip
 
 
 def run_torch(args, spec) -> dict:
@@ -84,7 +88,16 @@ def run_torch(args, spec) -> dict:
         sync()
 
     runs = [timed_chain(lambda b=b: chain(b), b, args.steps) for b in args.batch]
-    return dict(device=device, params=params, runs=runs)
+    return dict(device=device, params=params, runs=runs, **torch_gemm_rate(device, args.dtype))
+
+
+def arithmetic(side: dict, run: dict, steps_per_s: float, model: dict | None = None) -> str:
+    """A side's GFLOP/s at run's batch, and its fraction of the side's own GEMM rate
+    (train_step.gemm_rate); the model's forward GFLOP per sample come from `model` (the
+    JAX side's result: the architectures are the same), else from `side`."""
+    gflop_per_s = (model or side)["forward_gflop"] * run["batch"] * steps_per_s
+    return (f"{gflop_per_s:.0f} GFLOP/s, {gflop_per_s / side['gemm_gflops']:.0%} of a "
+            f"{side['gemm_size']}-square GEMM's {side['gemm_gflops']:.0f}")  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -117,7 +130,8 @@ def main():
         run["samples_per_s"] = run["batch"] / (run["step_s"] * T)
         print(f"{name}, batch {run['batch']} on {result['device']}: compile + first chain "
               f"{run['compile_s']:.1f} s; {run['step_s']:.4f} s per step ({run['steps_per_s']:.1f} "
-              f"steps/s); {run['samples_per_s']:.4f} samples/s for {T}-step ancestral sampling",
+              f"steps/s, {arithmetic(result, run, run['steps_per_s'])}); "
+              f"{run['samples_per_s']:.4f} samples/s for {T}-step ancestral sampling",
               flush=True)  # fmt: skip
     result["torch"] = None
     if spec:
@@ -130,8 +144,9 @@ def main():
             ours["torch_steps_per_s"] = theirs["steps_per_s"]
             ours["ratio"] = ours["steps_per_s"] / theirs["steps_per_s"]
             print(f"batch {ours['batch']}: diffusers DDPMPipeline on {result['torch']['device']} "
-                  f"{theirs['steps_per_s']:.2f} steps/s (warm-up {theirs['compile_s']:.1f} s); "
-                  f"JAX / torch: {ours['ratio']:.2f}")  # fmt: skip
+                  f"{theirs['steps_per_s']:.2f} steps/s "
+                  f"({arithmetic(result['torch'], ours, theirs['steps_per_s'], result)}; warm-up "
+                  f"{theirs['compile_s']:.1f} s); JAX / torch: {ours['ratio']:.2f}")  # fmt: skip
     else:
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
     if args.json:

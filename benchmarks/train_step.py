@@ -138,6 +138,62 @@ def compile_seconds():
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+def forward_gflop(config, model) -> float:
+    """GFLOP of one example's forward pass through `model`: XLA's count of the program's
+    arithmetic before its optimisations (convolutions and matmuls: 2 per multiply-add),
+    which a peer of the same architecture does as well. Training does 3x: each
+    convolution and matmul has two gradients as large as itself."""
+    import jax
+
+    from ddpm import factories
+
+    args, kwargs = factories.example_inputs(config, model)
+    params = jax.eval_shape(lambda: factories.init_params(config, model, jax.random.key(0)))
+    forward = jax.jit(lambda p: model.apply({"params": p}, *args, **kwargs))
+    return forward.lower(params).cost_analysis()["flops"] / 1e9
+
+
+def gemm_rate(platform: str, product, wait, reps: int = 5) -> dict:
+    """{'gemm_size': n, 'gemm_gflops': r}: the best rate r of product(n)(), a product of two
+    n x n matrices, in GFLOP/s: the dense arithmetic a side's library gets from this
+    machine, its practical peak. A GPU needs larger matrices than a CPU to be kept busy."""
+    size = 2048 if platform == "cpu" else 8192
+    run = product(size)
+    wait(run())
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        wait(run())
+        best = min(best, time.perf_counter() - start)
+    return dict(gemm_size=size, gemm_gflops=2 * size**3 / best / 1e9)
+
+
+def jax_gemm_rate(dtype: str) -> dict:
+    """gemm_rate of jnp.matmul, jitted, on JAX's default device."""
+    import jax
+
+    matmul = jax.jit(jax.numpy.matmul)
+
+    def product(size):
+        square = jax.numpy.ones((size, size), dtype)
+        return lambda: matmul(square, square)
+
+    return gemm_rate(jax.default_backend(), product, jax.block_until_ready)
+
+
+def torch_gemm_rate(device: str, dtype: str) -> dict:
+    """gemm_rate of torch's `@` on `device` ('cpu' or 'cuda')."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def product(size):
+        square = torch.ones(size, size, device=device, dtype=getattr(torch, dtype))
+        return lambda: square @ square
+
+    return gemm_rate(device, product, lambda _: sync())
+
+
 def diffusers_unet_kwargs(config) -> dict:
     """UNet2DModel arguments for config.model (the DDPM layout), checked by ddpm.convert."""
     from ddpm import convert
@@ -207,9 +263,12 @@ def run_jax(args) -> dict:
     stats = devices[0].memory_stats() if devices[0].platform == "gpu" else None
     return dict(
         device=f"{devices[0].platform} x{len(devices)}",
+        devices=len(devices),
         params=params,
         **timing,
         compile_phases_s=phases,
+        forward_gflop=forward_gflop(config, model),
+        **jax_gemm_rate(config.model.dtype),
         peak_gpu_mb=stats["peak_bytes_in_use"] / 2**20 if stats else None,
     )
 
@@ -279,6 +338,7 @@ def run_torch(args, spec) -> dict:
         device=device + (" (torch.compile)" if args.torch_compile else ""),
         params=params,
         **timing,
+        **torch_gemm_rate(device, args.dtype),
         peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     )
 
@@ -348,6 +408,9 @@ COLUMNS = [
     ("s/step", "step_s", ">9", ".3f"),
     ("sys s/step", "system_s_per_step", ">12", ".3f"),
     ("images/s", "images_per_s", ">10", ".1f"),
+    ("GFLOP/s", "gflop_per_s", ">9", ".0f"),
+    ("GEMM GFLOP/s", "gemm_gflops", ">14", ".0f"),
+    ("of GEMM", "of_gemm", ">9", ".0%"),
     ("peak RSS MB", "peak_rss_mb", ">13", ".0f"),
     ("peak GPU MB", "peak_gpu_mb", ">13", ".0f"),
 ]
@@ -365,6 +428,10 @@ def report(results: dict, args) -> None:
     phases = results["jax"]["compile_phases_s"]
     print(f"JAX compiling: {sum(phases.values()):.1f} s of the first calls (", end="")
     print(", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items()) + ")")
+    print(f"GFLOP/s per device: {results['jax']['forward_gflop']:.2f} GFLOP per image forward "
+          "(XLA's count), 3x that per trained image; of GEMM: that rate over the side's own "
+          f"product of two {results['jax']['gemm_size']}-square {args.dtype} "
+          "matrices (GEMM GFLOP/s)")  # fmt: skip
     if results["ratio"] is not None:
         print(f"JAX images/s / torch images/s: {results['ratio']:.2f}")
 
@@ -414,6 +481,10 @@ def main():
         print("note: the torch peer is a pixel-space UNet2DModel; torch side skipped")
     else:
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
+    for r in filter(None, (results["jax"], results["torch"])):  # the same architecture
+        r["gflop_per_s"] = 3 * results["jax"]["forward_gflop"] * r["images_per_s"]
+        r["gflop_per_s"] /= r.get("devices", 1)
+        r["of_gemm"] = r["gflop_per_s"] / r["gemm_gflops"]
     report(results, args)
     if args.json:
         keys = ("config", "set", "batch", "steps", "dtype", "steps_per_dispatch",

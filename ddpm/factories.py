@@ -176,21 +176,27 @@ def create_train_state(config, model, tx: optax.GradientTransformation, rng) -> 
     return state_from_params(init_params(config, model, rng), tx)
 
 
-def init_params(config, model, rng):
-    """Freshly initialised params of `model` (create_model) for the config's inputs."""
+def example_inputs(config, model) -> tuple[tuple, dict]:
+    """Zero inputs of batch 1 for `model` (create_model) at the config's shapes: the
+    (args, kwargs) of model.init and of a forward pass, model.apply(variables, ...)."""
     size, channels = config.data.image_size, config.data.num_channels
     x = jnp.zeros((1, size, size, channels), jnp.float32)
     if isinstance(model, AutoencoderKL):
-        return model.init(rng, x)["params"]
+        return (x,), {}
     t = jnp.zeros((1,), jnp.int32)
     if isinstance(model, LatentDenoiser):
         x = jnp.zeros((1, *latent_shape(config)), jnp.float32)
         text = model.text_encoder is not None
         y = jnp.zeros((1, config.text_encoder.max_length) if text else (1,), jnp.int32)
-        return model.init(rng, x, t, y, train=False)["params"]
+        return (x, t, y), {"train": False}
     y = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    low_res = super_resolution.example_inputs(config, model)
-    return model.init(rng, x, t, y, train=False, **low_res)["params"]
+    return (x, t, y), {"train": False, **super_resolution.example_inputs(config, model)}
+
+
+def init_params(config, model, rng):
+    """Freshly initialised params of `model` (create_model) for the config's inputs."""
+    args, kwargs = example_inputs(config, model)
+    return model.init(rng, *args, **kwargs)["params"]
 
 
 def state_from_params(params, tx) -> TrainState:
