@@ -2,4 +2,4 @@
 
 from ddpm import xla_cpu
 
-xla_cpu.prefer_xla_convolutions()  # before JAX starts: XLA reads its flags once
+xla_cpu.set_xla_flags()  # before JAX starts: XLA reads its flags once

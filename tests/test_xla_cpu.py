@@ -18,39 +18,55 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def measured(monkeypatch):
-    """This jaxlib counts as measured, and JAX has not started."""
+    """This jaxlib counts as measured, JAX has not started, and the machine has no GPU or
+    TPU."""
     version = xla_cpu.importlib.metadata.version("jaxlib")
     monkeypatch.setattr(xla_cpu, "MEASURED_JAXLIB", (version,))
     monkeypatch.setattr(xla_cpu, "_backends_started", lambda: False)
+    monkeypatch.setattr(xla_cpu, "accelerator_present", lambda: False)
 
 
-def test_flag_is_added_to_the_users_flags(measured):
+BOTH = [xla_cpu.CONVOLUTIONS, xla_cpu.LLVM_LEVEL]
+
+
+def test_flags_are_added_to_the_users_flags(measured):
     environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    assert xla_cpu.prefer_xla_convolutions(environ)
-    assert environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {xla_cpu.FLAG}"
+    assert xla_cpu.set_xla_flags(environ) == BOTH
+    assert environ["XLA_FLAGS"] == " ".join(["--xla_force_host_platform_device_count=2", *BOTH])
     environ = {}
-    assert xla_cpu.prefer_xla_convolutions(environ)
-    assert environ["XLA_FLAGS"] == xla_cpu.FLAG
+    assert xla_cpu.set_xla_flags(environ) == BOTH
+    assert environ["XLA_FLAGS"] == " ".join(BOTH)
 
 
-def test_users_choice_of_fusion_types_wins(measured):
-    own = "--xla_cpu_experimental_ynn_fusion_type=dot"
+def test_a_gpu_or_tpu_machine_keeps_xlas_llvm_level(measured, monkeypatch):
+    monkeypatch.setattr(xla_cpu, "accelerator_present", lambda: True)
+    environ = {}
+    assert xla_cpu.set_xla_flags(environ) == [xla_cpu.CONVOLUTIONS]
+    assert environ["XLA_FLAGS"] == xla_cpu.CONVOLUTIONS
+
+
+@pytest.mark.parametrize(
+    "own", ["--xla_cpu_experimental_ynn_fusion_type=dot", "--xla_backend_optimization_level=0"]
+)
+def test_users_choice_of_a_flag_wins(measured, own):
     environ = {"XLA_FLAGS": own}
-    assert not xla_cpu.prefer_xla_convolutions(environ)
-    assert environ == {"XLA_FLAGS": own}
+    other = [flag for flag in BOTH if flag.split("=")[0] not in own]
+    assert xla_cpu.set_xla_flags(environ) == other and len(other) == 1
+    assert environ == {"XLA_FLAGS": f"{own} {other[0]}"}
+    assert xla_cpu.set_xla_flags(environ) == []  # both set now
 
 
 def test_unmeasured_jaxlib_is_left_alone(measured, monkeypatch):
     monkeypatch.setattr(xla_cpu, "MEASURED_JAXLIB", ("0.0.",))
     environ = {}
-    assert not xla_cpu.prefer_xla_convolutions(environ)
+    assert xla_cpu.set_xla_flags(environ) == []
     assert environ == {}
 
     def no_metadata(name):
         raise xla_cpu.importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(xla_cpu.importlib.metadata, "version", no_metadata)
-    assert not xla_cpu.prefer_xla_convolutions(environ)
+    assert xla_cpu.set_xla_flags(environ) == []
     assert environ == {}
 
 
@@ -59,7 +75,7 @@ def test_too_late_once_jax_has_started(measured, monkeypatch):
     warnings = []
     monkeypatch.setattr(xla_cpu.logging, "warning", lambda *args: warnings.append(args))
     environ = {}
-    assert not xla_cpu.prefer_xla_convolutions(environ)
+    assert xla_cpu.set_xla_flags(environ) == []
     assert environ == {} and "import ddpm first" in warnings[0][0]
 
 
@@ -80,7 +96,8 @@ print("ynn convolution" if "__ynn_fusion" in text else "xla convolution")
 @pytest.mark.parametrize("jax_first", [False, True])
 def test_importing_ddpm_takes_convolutions_from_ynnpack(jax_first):
     """In a fresh process: XLA compiles a convolution without YNNPACK once ddpm is imported
-    first; started before, JAX keeps YNNPACK's. (The flag is only set for measured jaxlibs.)"""
+    first; started before, JAX keeps YNNPACK's. (The flags are only set for measured
+    jaxlibs, the LLVM level only without a GPU or TPU.)"""
     if not xla_cpu.importlib.metadata.version("jaxlib").startswith(xla_cpu.MEASURED_JAXLIB):
         pytest.skip("this jaxlib is not one that xla_cpu sets the flag for")
     before = "import jax; jax.devices()" if jax_first else ""
@@ -92,7 +109,8 @@ def test_importing_ddpm_takes_convolutions_from_ynnpack(jax_first):
     if jax_first:
         assert out == ["", "ynn convolution"]
     else:
-        assert out == [xla_cpu.FLAG, "xla convolution"]
+        flags = BOTH if not xla_cpu.accelerator_present() else [xla_cpu.CONVOLUTIONS]
+        assert out == [" ".join(flags), "xla convolution"]
 
 
 @pytest.fixture
