@@ -116,7 +116,6 @@ def arithmetic(gflop_per_s, side):
     return f"{gflop_per_s:.0f} ({gflop_per_s / side['gemm_gflops']:.0%})"
 
 
-
 print(line.format(*head))
 for side, dtype, run, r, why in train_rows:
     if r is None:

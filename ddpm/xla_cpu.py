@@ -15,10 +15,11 @@ AVX-512 CPU, float32):
 writes itself, its fusions of elementwise work and reductions, compiles faster and runs
 as fast. On a 2-core CPU (2026-12-06), alternating in one process: the CIFAR-10 train
 step's XLA compile took 13.9, 17.4, 19.4 and 16.1 s against 18.1, 18.4, 18.2 and 18.6 at
--O3 (batch 8), and its calls (batch 16, 4 steps) a median 3.40 s per step against 3.46;
-the sampler's step at batch 16 took 1.04 and 1.01 s against 1.15 and 1.07; the MNIST step
-and the FID Inception did not change; -O0 made the train step 1.5x slower. Machines with
-a GPU or TPU keep XLA's level: LLVM compiles their kernels too, and that was not measured.
+-O3 (batch 8), its calls (batch 16, 4 steps) a median 3.40 s per step against 3.46, and
+the U-Net's forward pass at batch 16 (sampling) a median 1.068 s against 1.087; the MNIST
+step and the FID Inception did not change; -O0 made the train step 1.5x slower. Machines
+with a GPU or TPU keep XLA's level: LLVM compiles their kernels too, and that was not
+measured.
 
 Importing `ddpm` applies both flags (ddpm/__init__.py), so that main.py, notebooks, tests
 and benchmarks all run the same code; a flag that XLA_FLAGS sets already stays as it is.
@@ -72,9 +73,9 @@ def set_xla_flags(environ=os.environ) -> list[str]:
     wanted = [flag for flag in wanted if flag.split("=")[0] not in flags]
     if wanted and _backends_started():
         logging.warning(
-            "JAX started before `ddpm` was imported: XLA:CPU keeps YNNPACK's convolutions, "
-            "about 1.25x slower to train on a CPU, and compiles slower (import ddpm first, "
-            "or set XLA_FLAGS=%s)", " ".join(wanted),
+            "JAX started before `ddpm` was imported: XLA keeps its defaults instead of %s "
+            "(with YNNPACK's convolutions a CPU trains about 1.25x slower; import ddpm "
+            "first, or put the flags in XLA_FLAGS)", " ".join(wanted),
         )  # fmt: skip
         return []
     if wanted:
