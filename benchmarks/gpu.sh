@@ -112,8 +112,8 @@ head = ("side", "work", "dtype", "batch", "steps/call", "1st call s", "steps/s",
         "GFLOP/s (of GEMM)")  # fmt: skip
 
 
-def arithmetic(gflop_per_s, side):
-    return f"{gflop_per_s:.0f} ({gflop_per_s / side['gemm_gflops']:.0%})"
+def arithmetic(r):
+    return f"{r['gflop_per_s']:.0f} ({r['of_gemm']:.0%})"
 
 
 print(line.format(*head))
@@ -124,14 +124,13 @@ for side, dtype, run, r, why in train_rows:
     per_call = run["steps_per_dispatch"] if side == "jax" else 1
     cells = (run["batch"], per_call, f"{r['compile_s']:.1f}", f"{1 / r['step_s']:.2f}")
     images = f"{r['images_per_s']:.1f}"
-    print(line.format(side, "train", dtype, *cells, images, arithmetic(r["gflop_per_s"], r)))
-sample_rows = [("jax", sample, sample["runs"])]
-sample_rows += [("torch eager", sample["torch"], sample["torch"]["runs"])] if sample["torch"] else []
-for side, result, sample_runs in sample_rows:
+    print(line.format(side, "train", dtype, *cells, images, arithmetic(r)))
+sample_rows = [("jax", sample["runs"])]
+sample_rows += [("torch eager", sample["torch"]["runs"])] if sample["torch"] else []
+for side, sample_runs in sample_rows:
     for r in sample_runs:
         cells = (r["batch"], sample["steps"], f"{r['compile_s']:.1f}", f"{r['steps_per_s']:.2f}")
-        flops = arithmetic(sample["forward_gflop"] * r["batch"] * r["steps_per_s"], result)
-        print(line.format(side, "sample", sample["dtype"], *cells, "-", flops))
+        print(line.format(side, "sample", sample["dtype"], *cells, "-", arithmetic(r)))
 if not sample["torch"]:
     print(line.format("torch eager", "sample", sample["dtype"], *"------") + f"  ({no_torch})")
 print(

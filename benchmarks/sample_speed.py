@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from train_step import (  # noqa: E402
     RESULT,
     add_set_argument,
+    arithmetic_rate,
     forward_gflop,
     has_torch,
     jax_gemm_rate,
@@ -91,12 +92,9 @@ def run_torch(args, spec) -> dict:
     return dict(device=device, params=params, runs=runs, **torch_gemm_rate(device, args.dtype))
 
 
-def arithmetic(side: dict, run: dict, steps_per_s: float, model: dict | None = None) -> str:
-    """A side's GFLOP/s at run's batch, and its fraction of the side's own GEMM rate
-    (train_step.gemm_rate); the model's forward GFLOP per sample come from `model` (the
-    JAX side's result: the architectures are the same), else from `side`."""
-    gflop_per_s = (model or side)["forward_gflop"] * run["batch"] * steps_per_s
-    return (f"{gflop_per_s:.0f} GFLOP/s, {gflop_per_s / side['gemm_gflops']:.0%} of a "
+def arithmetic(run: dict, side: dict) -> str:
+    """run's GFLOP/s and their fraction of the side's own GEMM rate (arithmetic_rate)."""
+    return (f"{run['gflop_per_s']:.0f} GFLOP/s, {run['of_gemm']:.0%} of a "
             f"{side['gemm_size']}-square GEMM's {side['gemm_gflops']:.0f}")  # fmt: skip
 
 
@@ -128,9 +126,11 @@ def main():
     T, name = result["num_timesteps"], f"{args.config}{' (tiny)' * args.tiny}, {args.dtype}"
     for run in result["runs"]:
         run["samples_per_s"] = run["batch"] / (run["step_s"] * T)
+        images_per_s = run["batch"] * run["steps_per_s"]
+        run.update(arithmetic_rate(result["forward_gflop"], images_per_s, result))
         print(f"{name}, batch {run['batch']} on {result['device']}: compile + first chain "
               f"{run['compile_s']:.1f} s; {run['step_s']:.4f} s per step ({run['steps_per_s']:.1f} "
-              f"steps/s, {arithmetic(result, run, run['steps_per_s'])}); "
+              f"steps/s, {arithmetic(run, result)}); "
               f"{run['samples_per_s']:.4f} samples/s for {T}-step ancestral sampling",
               flush=True)  # fmt: skip
     result["torch"] = None
@@ -143,9 +143,11 @@ def main():
         for ours, theirs in zip(result["runs"], result["torch"]["runs"], strict=True):
             ours["torch_steps_per_s"] = theirs["steps_per_s"]
             ours["ratio"] = ours["steps_per_s"] / theirs["steps_per_s"]
+            images_per_s = theirs["batch"] * theirs["steps_per_s"]  # the same architecture
+            theirs.update(arithmetic_rate(result["forward_gflop"], images_per_s, result["torch"]))
             print(f"batch {ours['batch']}: diffusers DDPMPipeline on {result['torch']['device']} "
                   f"{theirs['steps_per_s']:.2f} steps/s "
-                  f"({arithmetic(result['torch'], ours, theirs['steps_per_s'], result)}; warm-up "
+                  f"({arithmetic(theirs, result['torch'])}; warm-up "
                   f"{theirs['compile_s']:.1f} s); JAX / torch: {ours['ratio']:.2f}")  # fmt: skip
     else:
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")

@@ -153,6 +153,14 @@ def forward_gflop(config, model) -> float:
     return forward.lower(params).cost_analysis()["flops"] / 1e9
 
 
+def arithmetic_rate(gflop_per_image: float, images_per_s: float, side: dict) -> dict:
+    """{'gflop_per_s', 'of_gemm'}: a side's model arithmetic per second per device, and
+    its fraction of the side's own GEMM rate (side: a result with 'gemm_gflops', and
+    'devices' if there are several)."""
+    gflop_per_s = gflop_per_image * images_per_s / side.get("devices", 1)
+    return dict(gflop_per_s=gflop_per_s, of_gemm=gflop_per_s / side["gemm_gflops"])
+
+
 def gemm_rate(platform: str, product, wait, reps: int = 5) -> dict:
     """{'gemm_size': n, 'gemm_gflops': r}: the best rate r of product(n)(), a product of two
     n x n matrices, in GFLOP/s: the dense arithmetic a side's library gets from this
@@ -481,10 +489,9 @@ def main():
         print("note: the torch peer is a pixel-space UNet2DModel; torch side skipped")
     else:
         print(f"note: {torch_python} cannot import torch and diffusers; torch side skipped")
-    for r in filter(None, (results["jax"], results["torch"])):  # the same architecture
-        r["gflop_per_s"] = 3 * results["jax"]["forward_gflop"] * r["images_per_s"]
-        r["gflop_per_s"] /= r.get("devices", 1)
-        r["of_gemm"] = r["gflop_per_s"] / r["gemm_gflops"]
+    train_gflop = 3 * results["jax"]["forward_gflop"]  # per image; the same architecture
+    for r in filter(None, (results["jax"], results["torch"])):
+        r.update(arithmetic_rate(train_gflop, r["images_per_s"], r))
     report(results, args)
     if args.json:
         keys = ("config", "set", "batch", "steps", "dtype", "steps_per_dispatch",
